@@ -1,0 +1,119 @@
+"""Redis daily usage counters: a rebuildable view of ``daily_usage``.
+
+Key layout (``prefix`` defaults to ``metering``)::
+
+    {prefix}:usage:{user_id}:{YYYY-MM-DD}   hash  requests, units, errors
+                                            (UTC day; expires 3 days after it)
+    {prefix}:usage:synced                   string, set after a rebuild from
+                                            PostgreSQL; its absence means Redis
+                                            lost its data and must be rebuilt
+
+Values are the committed totals read back from PostgreSQL, written with a
+"keep the larger" script, never INCR: replaying a batch, rebuilding while
+the stream writes, or two workers overlapping in a rebalance cannot double
+count or move a counter backwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from importlib import resources
+from uuid import UUID
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from metering.errors import ServiceUnavailable
+
+COUNTER_TTL_DAYS = 3
+REBUILD_DAYS = 2  # today and yesterday (UTC) are all a quota check reads
+
+
+@dataclass(frozen=True, slots=True)
+class DailyTotal:
+    user_id: UUID
+    day: date
+    requests: int
+    units: int
+    errors: int
+
+
+class UsageCounters:
+    def __init__(self, *, redis: aioredis.Redis, prefix: str = "metering") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        source = resources.files("metering").joinpath("lua/set_daily_totals.lua").read_text()
+        self._set_totals = redis.register_script(source)
+
+    def key(self, user_id: UUID | str, day: date) -> str:
+        return f"{self._prefix}:usage:{user_id}:{day.isoformat()}"
+
+    @property
+    def synced_key(self) -> str:
+        return f"{self._prefix}:usage:synced"
+
+    async def publish(self, totals: Sequence[DailyTotal]) -> None:
+        """Write committed totals in one round trip (a pipeline of script calls)."""
+        if not totals:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for t in totals:
+                    expire_at = _day_start(t.day) + timedelta(days=COUNTER_TTL_DAYS)
+                    await self._set_totals(
+                        keys=[self.key(t.user_id, t.day)],
+                        args=[t.requests, t.units, t.errors, int(expire_at.timestamp())],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(f"Redis write failed: {exc}") from exc
+
+    async def get(self, user_id: UUID | str, day: date) -> DailyTotal | None:
+        try:
+            raw = await self._redis.hgetall(self.key(user_id, day))
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(f"Redis read failed: {exc}") from exc
+        if not raw:
+            return None
+        return DailyTotal(
+            UUID(str(user_id)), day, int(raw[b"requests"]), int(raw[b"units"]), int(raw[b"errors"])
+        )
+
+    async def is_synced(self) -> bool:
+        try:
+            return bool(await self._redis.exists(self.synced_key))
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(f"Redis read failed: {exc}") from exc
+
+    async def rebuild(self, conn: asyncpg.Connection, *, days: int = REBUILD_DAYS) -> int:
+        """Re-derive recent counters from PostgreSQL; return how many were written."""
+        since = datetime.now(UTC).date() - timedelta(days=days - 1)
+        rows = await conn.fetch(
+            """
+            SELECT user_id, date, request_count, units,
+                   client_error_count + server_error_count AS errors
+            FROM daily_usage WHERE date >= $1
+            """,
+            since,
+        )
+        totals = [DailyTotal(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        for chunk in _chunks(totals, 1000):
+            await self.publish(chunk)
+        try:
+            await self._redis.set(self.synced_key, datetime.now(UTC).isoformat())
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(f"Redis write failed: {exc}") from exc
+        return len(totals)
+
+
+def _day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def _chunks(items: Sequence[DailyTotal], size: int) -> Iterable[Sequence[DailyTotal]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,105 @@
+"""Numbered plain-SQL migrations (``sql/NNNN_name.sql``), applied in order.
+
+Each file runs in its own transaction and is recorded in
+``schema_migrations`` with a checksum; re-running applies only what is new.
+A session-level advisory lock makes concurrent runs queue instead of racing.
+Migrations are append-only: a recorded file whose checksum changed is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from metering.errors import MigrationError
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+_LOCK_KEY = 7_311_554_001  # pg_advisory_lock key for migrations
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load(directory: Path = SQL_DIR) -> list[Migration]:
+    if not directory.is_dir():
+        raise MigrationError(f"migrations folder {directory} not found")
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNNN_name.sql")
+        found.append(Migration(int(match[1]), match[2], path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("two migration files share a version number")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path = SQL_DIR) -> list[Migration]:
+    """Apply pending migrations; return the ones applied by this call."""
+    migrations = load(directory)
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+        applied = {r["version"]: r for r in rows}
+        done: list[Migration] = []
+        for m in migrations:
+            if m.version in applied:
+                if applied[m.version]["checksum"] != m.checksum:
+                    raise MigrationError(
+                        f"migration {m.version:04d}_{m.name} was edited after it was applied; "
+                        "add a new migration instead"
+                    )
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                        m.version,
+                        m.name,
+                        m.checksum,
+                    )
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from exc
+            done.append(m)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def maintain_partitions(
+    conn: asyncpg.Connection, *, months_ahead: int, retention_days: int
+) -> tuple[list[str], list[str]]:
+    """Create month partitions ahead and drop those beyond retention."""
+    ensured = await conn.fetch(
+        "SELECT ensure_usage_logs_partitions(1, $1) AS name", months_ahead
+    )
+    dropped = await conn.fetch(
+        "SELECT drop_expired_usage_logs_partitions(make_interval(days => $1)) AS name",
+        retention_days,
+    )
+    return [r["name"] for r in ensured], [r["name"] for r in dropped]

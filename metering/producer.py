@@ -1,0 +1,191 @@
+"""Usage event producer for edge services.
+
+``emit()`` is synchronous and never blocks the request path: it validates
+the size and puts the event in a bounded in-memory buffer. A background task
+drains the buffer into an idempotent aiokafka producer (``acks=all``,
+batching with ``linger_ms``), keyed by ``user_id`` so one worker owns each
+user's counters.
+
+When Kafka is unreachable the buffer holds events and sends are retried with
+backoff; only when the buffer is full are new events dropped, and every drop
+is counted (``stats.dropped``). ``stop()`` flushes what is buffered, bounded
+by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from metering.errors import InvalidEventError
+from metering.events import MAX_RECORD_BYTES, UsageEvent
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[bytes, bytes | None]  # (key, value); None is a tombstone
+
+
+@dataclass(slots=True)
+class ProducerStats:
+    emitted: int = 0  # accepted into the buffer
+    sent: int = 0  # acknowledged by the broker
+    dropped: int = 0  # buffer full
+    retried: int = 0  # send attempts that failed and were put back
+    send_errors: int = 0
+
+
+class UsageProducer:
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topic: str = "usage.events",
+        buffer_size: int = 100_000,
+        linger_ms: int = 10,
+        max_batch_bytes: int = 256 * 1024,
+        client_id: str = "metering-edge",
+        retry_backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self._bootstrap = bootstrap_servers
+        self._topic = topic
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=buffer_size)
+        self._linger_ms = linger_ms
+        self._max_batch_bytes = max_batch_bytes
+        self._client_id = client_id
+        self._backoff = retry_backoff_s
+        self._max_backoff = max_backoff_s
+        self._kafka: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.stats = ProducerStats()
+
+    @property
+    def buffered(self) -> int:
+        return self._queue.qsize()
+
+    def emit(self, event: UsageEvent) -> bool:
+        """Queue one event; False if it was dropped because the buffer is full."""
+        value = event.to_json()
+        if len(value) > MAX_RECORD_BYTES:
+            raise InvalidEventError("too_large", f"event is {len(value)} bytes")
+        return self.emit_raw(event.partition_key, value)
+
+    def emit_raw(self, key: bytes, value: bytes | None) -> bool:
+        """Queue pre-encoded bytes as they are (tools and tests; no validation)."""
+        if self._closing:
+            self.stats.dropped += 1
+            return False
+        try:
+            self._queue.put_nowait((key, value))
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            if self.stats.dropped in (1, 10, 100) or self.stats.dropped % 1000 == 0:
+                log.warning("usage event buffer full: %d events dropped", self.stats.dropped)
+            return False
+        self.stats.emitted += 1
+        return True
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._closing = False
+            self._task = asyncio.create_task(self._run(), name="metering-producer")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Flush buffered events (up to ``timeout`` seconds), then close. Idempotent."""
+        if self._task is None:
+            return
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("producer stopped with %d events unsent", self._queue.qsize())
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        if self._kafka is not None:
+            await self._kafka.stop()
+            self._kafka = None
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything emitted so far is acknowledged by the broker."""
+        await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def __aenter__(self) -> UsageProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _connect(self) -> AIOKafkaProducer:
+        delay = self._backoff
+        while True:
+            kafka = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                client_id=self._client_id,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=self._linger_ms,
+                max_batch_size=self._max_batch_bytes,
+                compression_type=None,
+            )
+            try:
+                await kafka.start()
+                return kafka
+            except KafkaError as exc:
+                await kafka.stop()
+                log.warning("Kafka not reachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+
+    async def _run(self) -> None:
+        self._kafka = await self._connect()
+        pending: set[asyncio.Future[object]] = set()
+        while True:
+            item = await self._queue.get()
+            batch = [item]
+            while len(batch) < 5000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            for key, value in batch:
+                fut = await self._send(key, value)
+                pending.add(fut)
+                fut.add_done_callback(pending.discard)
+
+    async def _send(self, key: bytes, value: bytes | None) -> asyncio.Future[object]:
+        assert self._kafka is not None
+        delay = self._backoff
+        while True:
+            try:
+                fut = await self._kafka.send(self._topic, value=value, key=key)
+                break
+            except KafkaError as exc:
+                self.stats.send_errors += 1
+                log.warning("Kafka send failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+        fut.add_done_callback(lambda f, k=key, v=value: self._delivered(f, k, v))
+        return fut
+
+    def _delivered(self, fut: asyncio.Future[object], key: bytes, value: bytes | None) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            # aiokafka already retried within its delivery timeout; keep the
+            # event and try again later rather than lose it.
+            self.stats.retried += 1
+            self.stats.send_errors += 1
+            try:
+                self._queue.put_nowait((key, value))
+            except asyncio.QueueFull:
+                self.stats.dropped += 1
+        else:
+            self.stats.sent += 1
+        self._queue.task_done()

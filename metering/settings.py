@@ -1,0 +1,92 @@
+"""Configuration, read once from ``METERING_*`` environment variables.
+
+Library code never reads ``os.environ``: the CLI and ``streams/app.py`` call
+:meth:`Settings.from_env` and pass the values (or the object) down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from metering.errors import ConfigurationError
+
+PREFIX = "METERING_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # services
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: str = "postgresql://metering:metering@127.0.0.1:5432/metering"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # topics
+    events_topic: str = "usage.events"
+    dlq_topic: str = "usage.events.dlq"
+    alerts_topic: str = "keys.alerts"
+    events_partitions: int = 6
+    replication_factor: int = 1
+
+    # worker
+    worker_id: str = "metering-usage"  # Kafka consumer group of the stream app
+    batch_size: int = 5000
+    batch_within_s: float = 0.5
+    web_enabled: bool = True
+    web_port: int = 6066
+    redis_key_prefix: str = "metering"
+
+    # event policy
+    max_future_skew_s: int = 300
+    retention_days: int = 90
+    partitions_ahead_months: int = 2
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``METERING_<FIELD>`` variables, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = PREFIX + f.name.upper()
+            if name not in env:
+                continue
+            raw = env[name]
+            values[f.name] = _coerce(name, raw, type(getattr(cls, f.name)))
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigurationError("METERING_BATCH_SIZE must be >= 1")
+        if self.batch_within_s <= 0:
+            raise ConfigurationError("METERING_BATCH_WITHIN_S must be > 0")
+        if self.events_partitions < 1:
+            raise ConfigurationError("METERING_EVENTS_PARTITIONS must be >= 1")
+        if self.retention_days < 1:
+            raise ConfigurationError("METERING_RETENTION_DAYS must be >= 1")
+        if not self.database_url.startswith(("postgres://", "postgresql://")):
+            raise ConfigurationError("METERING_DATABASE_URL must be a postgresql:// URL")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError("METERING_REDIS_URL must be a redis:// URL")
+
+
+def _coerce(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    return raw

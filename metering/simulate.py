@@ -1,0 +1,166 @@
+"""Realistic demo traffic: a handful of users, keys and endpoints.
+
+Users are created in PostgreSQL (``sim-user-N@example.com``, tiers in turn)
+so reports can join them; key ids are stable UUIDs derived from the user.
+Events go through :class:`~metering.producer.UsageProducer`, like an edge.
+Optional extras exercise the pipeline's guarantees: exact duplicates (a
+producer retry resends the same record) and malformed records (which must
+land in the dead-letter topic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from metering.events import UsageEvent
+from metering.producer import UsageProducer
+
+_NS = uuid.UUID("5f1d6c3e-9a57-4c1e-9a43-0d3c2b7f8e11")
+
+# (method, endpoint, weight, units, typical latency ms)
+ENDPOINTS = [
+    ("GET", "/v1/search", 40, 1, 35.0),
+    ("GET", "/v1/items/{id}", 25, 1, 12.0),
+    ("POST", "/v1/items", 10, 1, 48.0),
+    ("PUT", "/v1/items/{id}", 6, 1, 40.0),
+    ("DELETE", "/v1/items/{id}", 3, 1, 20.0),
+    ("POST", "/v1/batch", 6, 10, 180.0),
+    ("GET", "/v1/reports/usage", 5, 5, 250.0),
+    ("GET", "/health", 5, 0, 1.5),
+]
+STATUSES = [(200, 86), (201, 4), (400, 3), (403, 1), (404, 3), (429, 2), (500, 1)]
+
+BAD_RECORDS = [
+    (b"not json at all", "invalid_json"),
+    (b'{"event_id": "x"}', "missing_field"),
+    (None, "empty_record"),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SimUser:
+    id: uuid.UUID
+    email: str
+    tier: str
+    key_ids: tuple[uuid.UUID, ...]
+    client_ips: tuple[str, ...]
+    weight: float
+
+
+@dataclass(slots=True)
+class SimReport:
+    sent_valid: int = 0  # distinct valid events
+    sent_duplicates: int = 0
+    sent_bad: int = 0
+    dropped: int = 0
+    seconds: float = 0.0
+    per_user: Counter[str] = field(default_factory=Counter)  # email -> distinct valid events
+    per_user_day: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+async def ensure_users(conn: asyncpg.Connection, count: int) -> list[SimUser]:
+    tiers = ["free", "pro", "enterprise"]
+    users: list[SimUser] = []
+    for i in range(count):
+        email = f"sim-user-{i + 1}@example.com"
+        tier = tiers[i % len(tiers)]
+        uid = await conn.fetchval(
+            """
+            INSERT INTO users (email, name, tier_id)
+            VALUES ($1, $2, (SELECT id FROM access_tiers WHERE name = $3))
+            ON CONFLICT (lower(email)) DO UPDATE SET updated_at = now()
+            RETURNING id
+            """,
+            email,
+            f"Simulated user {i + 1}",
+            tier,
+        )
+        keys = tuple(uuid.uuid5(_NS, f"{uid}:key:{k}") for k in range(1 + i % 2))
+        ips = tuple(f"203.0.113.{(i * 7 + k) % 250 + 1}" for k in range(1 + i % 3))
+        users.append(SimUser(uid, email, tier, keys, ips, weight=1.0 / (i + 1) ** 0.8))
+    return users
+
+
+def make_event(rng: random.Random, user: SimUser | None, now: datetime) -> UsageEvent:
+    method, endpoint, _, units, typical = rng.choices(ENDPOINTS, [e[2] for e in ENDPOINTS])[0]
+    status = rng.choices([s for s, _ in STATUSES], [w for _, w in STATUSES])[0]
+    latency = round(rng.lognormvariate(0, 0.6) * typical, 3)
+    if user is None:
+        return UsageEvent.new(
+            user_id=None, api_key_id=None, endpoint=endpoint, method=method,
+            status_code=401 if rng.random() < 0.3 else status, response_time_ms=latency,
+            client_ip=f"198.51.100.{rng.randint(1, 254)}", bytes_out=rng.randint(50, 400),
+            units=0, occurred_at=now,
+        )
+    return UsageEvent.new(
+        user_id=user.id,
+        api_key_id=rng.choice(user.key_ids),
+        endpoint=endpoint,
+        method=method,
+        status_code=status,
+        response_time_ms=latency,
+        client_ip=rng.choice(user.client_ips),
+        bytes_out=rng.randint(200, 60_000),
+        units=units,
+        occurred_at=now,
+    )
+
+
+async def run(
+    producer: UsageProducer,
+    users: list[SimUser],
+    *,
+    events: int,
+    rate: float | None = None,
+    duplicate_ratio: float = 0.0,
+    bad_records: int = 0,
+    anonymous_ratio: float = 0.05,
+    seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SimReport:
+    rng = random.Random(seed)
+    report = SimReport()
+    weights = [u.weight for u in users]
+    started = time.perf_counter()
+    chunk = max(1, min(500, int(rate / 20))) if rate else 500
+    for i in range(events):
+        now = datetime.now(UTC) - timedelta(milliseconds=rng.randint(0, 50))
+        user = None if rng.random() < anonymous_ratio else rng.choices(users, weights)[0]
+        event = make_event(rng, user, now)
+        while not producer.emit(event):  # buffer full: wait instead of counting drops
+            await asyncio.sleep(0.01)
+        report.sent_valid += 1
+        if user is not None:
+            report.per_user[user.email] += 1
+            report.per_user_day[(user.email, event.occurred_at.date().isoformat())] += 1
+        if duplicate_ratio and rng.random() < duplicate_ratio:
+            while not producer.emit(event):
+                await asyncio.sleep(0.01)
+            report.sent_duplicates += 1
+        if (i + 1) % chunk == 0 or i + 1 == events:
+            if progress:
+                progress(min(chunk, (i % chunk) + 1))
+            if rate:
+                target = (i + 1) / rate
+                ahead = target - (time.perf_counter() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            else:
+                await asyncio.sleep(0)
+    for n in range(bad_records):
+        raw, _ = BAD_RECORDS[n % len(BAD_RECORDS)]
+        producer.emit_raw(b"bad-record", raw)
+        report.sent_bad += 1
+    await producer.flush(timeout=120)
+    report.dropped = producer.stats.dropped
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,1 @@
+"""The faust-streaming app: topics, agents and housekeeping timers."""

@@ -1,0 +1,34 @@
+"""The Faust application. Wiring only: settings in, app and services out.
+
+Run it with ``metering worker`` (or ``faust -A streams.app worker``).
+"""
+
+from __future__ import annotations
+
+import faust
+
+from metering.settings import Settings
+
+settings = Settings.from_env()
+
+app = faust.App(
+    settings.worker_id,
+    broker=f"kafka://{settings.kafka_bootstrap}",
+    store="memory://",
+    value_serializer="raw",
+    key_serializer="raw",
+    topic_replication_factor=settings.replication_factor,
+    topic_partitions=settings.events_partitions,
+    topic_allow_declare=True,
+    consumer_auto_offset_reset="earliest",
+    # a batch is written before its events are acked; keep enough in flight
+    stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+    broker_max_poll_records=min(settings.batch_size, 5000),
+    stream_wait_empty=True,
+    web_enabled=settings.web_enabled,
+    web_port=settings.web_port,
+    web_bind="127.0.0.1",
+)
+
+# Registers topics, agents, timers and pages on import.
+from streams import agents  # noqa: E402,F401
