@@ -34,6 +34,9 @@ class Settings:
     worker_id: str = "metering-usage"  # Kafka consumer group of the stream app
     batch_size: int = 5000
     batch_within_s: float = 0.5
+    commit_interval_s: float = 2.8  # Kafka offset commits (Faust broker_commit_interval)
+    session_timeout_s: float = 60.0  # a crashed worker's partitions move after this
+    reconcile_interval_s: float = 30.0  # partitions ahead + Redis rebuild check
     web_enabled: bool = True
     web_port: int = 6066
     redis_key_prefix: str = "metering"
@@ -53,7 +56,7 @@ class Settings:
             if name not in env:
                 continue
             raw = env[name]
-            values[f.name] = _coerce(name, raw, type(getattr(cls, f.name)))
+            values[f.name] = _coerce(name, raw, type(f.default))
         values.update(overrides)
         settings = cls(**values)
         settings.validate()
@@ -64,6 +67,8 @@ class Settings:
             raise ConfigurationError("METERING_BATCH_SIZE must be >= 1")
         if self.batch_within_s <= 0:
             raise ConfigurationError("METERING_BATCH_WITHIN_S must be > 0")
+        if self.commit_interval_s <= 0 or self.reconcile_interval_s <= 0:
+            raise ConfigurationError("METERING_*_INTERVAL_S settings must be > 0")
         if self.events_partitions < 1:
             raise ConfigurationError("METERING_EVENTS_PARTITIONS must be >= 1")
         if self.retention_days < 1:

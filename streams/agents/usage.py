@@ -112,7 +112,7 @@ async def reconcile_on_start() -> None:
     await pipeline.reconcile()
 
 
-@app.timer(interval=30.0)
+@app.timer(interval=settings.reconcile_interval_s)
 async def reconcile() -> None:
     await pipeline.reconcile()
 

@@ -1,0 +1,2 @@
+"""Shared fixtures. Integration fixtures need the real stack: ``metering stack up``
+(``scripts/test`` runs it). They fail, never skip, when a service is missing."""

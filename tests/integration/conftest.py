@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from metering import stack
+from metering.db.migrate import migrate
+from metering.settings import Settings
+from metering.topics import ensure_topics
+
+BASE = Settings.from_env()
+TEMPLATE_DB = "metering_test_template"
+
+
+def db_url(name: str) -> str:
+    parts = urlsplit(BASE.database_url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def services() -> Settings:
+    state = stack.status(BASE)
+    down = [name for name, up in state.items() if not up]
+    if down:
+        pytest.fail(
+            f"integration tests need the real stack, but {', '.join(down)} is down: "
+            "run `metering stack up` (scripts/test does it for you)",
+            pytrace=False,
+        )
+    return BASE
+
+
+@pytest.fixture(scope="session")
+async def template_db(services: Settings) -> str:
+    """A database with every migration applied, cloned for each test."""
+    admin = await asyncpg.connect(BASE.database_url, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(db_url(TEMPLATE_DB), timeout=10)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+async def database_url(template_db: str) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(BASE.database_url, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await admin.close()
+    yield db_url(name)
+    admin = await asyncpg.connect(BASE.database_url, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url, timeout=10, server_settings={"timezone": "UTC"})
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def redis_client(services: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(BASE.redis_url, socket_timeout=5)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def redis_prefix(redis_client: aioredis.Redis) -> AsyncIterator[str]:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:*", count=1000)]
+    if keys:
+        await redis_client.delete(*keys)
+
+
+@pytest.fixture
+async def kafka_settings(services: Settings, database_url: str, redis_prefix: str) -> Settings:
+    """Settings for an isolated pipeline: fresh topics, group, database, key prefix."""
+    tag = uuid.uuid4().hex[:10]
+    s = Settings.from_env(
+        events_topic=f"test.{tag}.usage.events",
+        dlq_topic=f"test.{tag}.usage.events.dlq",
+        alerts_topic=f"test.{tag}.keys.alerts",
+        events_partitions=3,
+        worker_id=f"test-{tag}",
+        database_url=database_url,
+        redis_key_prefix=redis_prefix,
+        session_timeout_s=6.0,  # the broker's group.min.session.timeout.ms
+    )
+    await ensure_topics(s)
+    return s
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float, what: str, interval: float = 0.25
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WorkerProcess:
+    """A real ``metering worker`` subprocess with its own settings."""
+
+    def __init__(self, settings: Settings, log_path: Path, **extra_env: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.web_port = free_port()
+        env = dict(os.environ)
+        for field in settings.__dataclass_fields__:
+            env[f"METERING_{field.upper()}"] = str(getattr(settings, field))
+        env["METERING_WEB_ENABLED"] = "true"
+        env["METERING_WEB_PORT"] = str(self.web_port)
+        env.update(extra_env)
+        self._env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "metering.cli", "worker", "-l", "info"],
+                env=self._env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.log_path.parent,  # faust's data dir goes there
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to commit offsets."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=10)
+
+    def assert_running(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"worker exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def metrics(self) -> dict[str, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.web_port)
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        await writer.drain()
+        body = (await reader.read()).decode()
+        writer.close()
+        out: dict[str, float] = {}
+        for line in body.split("\r\n\r\n", 1)[-1].splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def make(settings: Settings, **env: str) -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"worker-{len(started) + 1}.log", **env)
+        started.append(w)
+        return w.start()
+
+    yield make
+    for w in started:
+        w.stop()

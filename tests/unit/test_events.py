@@ -1,0 +1,176 @@
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+
+import orjson
+import pytest
+
+from metering.errors import InvalidEventError
+from metering.events import (
+    HTTP_METHODS,
+    MAX_RECORD_BYTES,
+    REQUIRED_FIELDS,
+    TimePolicy,
+    UsageEvent,
+    decode,
+    validate,
+)
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def record(**overrides):
+    base = {
+        "event_id": str(uuid.uuid4()),
+        "occurred_at": "2026-11-23T11:59:00.250000Z",
+        "user_id": str(uuid.uuid4()),
+        "api_key_id": str(uuid.uuid4()),
+        "endpoint": "/v1/search",
+        "method": "GET",
+        "status_code": 200,
+        "response_time_ms": 12.5,
+        "client_ip": "203.0.113.7",
+        "bytes_out": 512,
+        "units": 1,
+        "schema_version": 1,
+    }
+    base.update(overrides)
+    return base
+
+
+def test_valid_record_round_trips():
+    raw = record()
+    event = decode(orjson.dumps(raw), TimePolicy(now=NOW))
+    assert event.occurred_at == datetime(2026, 11, 23, 11, 59, 0, 250000, tzinfo=UTC)
+    assert orjson.loads(event.to_json()) == raw
+
+
+def test_offsets_are_normalised_to_utc():
+    event = validate(record(occurred_at="2026-11-23T13:30:00+01:30"))
+    assert event.occurred_at == datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def test_optional_fields_default():
+    raw = record()
+    del raw["bytes_out"], raw["units"]
+    event = validate(raw)
+    assert event.bytes_out is None and event.units == 1
+
+
+def test_anonymous_event_is_keyed_by_ip():
+    event = validate(record(user_id=None, api_key_id=None))
+    assert event.partition_key == b"anon:203.0.113.7"
+    keyed = validate(record())
+    assert keyed.partition_key == str(keyed.user_id).encode()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"status_code": 99}, "bad_value"),
+        ({"status_code": 600}, "bad_value"),
+        ({"status_code": "200"}, "bad_type"),
+        ({"status_code": True}, "bad_type"),
+        ({"status_code": 200.0}, "bad_type"),
+        ({"response_time_ms": -0.1}, "bad_value"),
+        ({"response_time_ms": 3_600_001}, "bad_value"),
+        ({"response_time_ms": "fast"}, "bad_type"),
+        ({"event_id": "not-a-uuid"}, "bad_value"),
+        ({"event_id": None}, "bad_type"),
+        ({"user_id": 42}, "bad_type"),
+        ({"user_id": None}, "bad_value"),  # a key id without a user
+        ({"occurred_at": "yesterday"}, "bad_value"),
+        ({"occurred_at": "2026-11-23T11:59:00"}, "bad_value"),  # no offset
+        ({"occurred_at": "2026-11-23"}, "bad_value"),
+        ({"occurred_at": 1732363140}, "bad_type"),
+        ({"method": "get"}, "bad_value"),
+        ({"method": "BREW"}, "bad_value"),
+        ({"endpoint": ""}, "bad_type"),
+        ({"endpoint": "/x" * 600}, "bad_value"),
+        ({"endpoint": "/a\x00b"}, "bad_value"),
+        ({"client_ip": "999.1.1.1"}, "bad_value"),
+        ({"client_ip": None}, "bad_type"),
+        ({"bytes_out": -1}, "bad_value"),
+        ({"bytes_out": 1.5}, "bad_type"),
+        ({"units": -1}, "bad_value"),
+        ({"units": 2_000_000_000}, "bad_value"),
+        ({"schema_version": 2}, "unsupported_version"),
+    ],
+)
+def test_contract_violations_are_rejected_with_a_reason(overrides, reason):
+    with pytest.raises(InvalidEventError) as err:
+        validate(record(**overrides))
+    assert err.value.reason == reason
+    assert str(err.value)
+
+
+@pytest.mark.parametrize("field", REQUIRED_FIELDS)
+def test_missing_required_field(field):
+    raw = record()
+    del raw[field]
+    with pytest.raises(InvalidEventError) as err:
+        validate(raw)
+    assert err.value.reason == "missing_field"
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "empty_record"),
+        (b"{not json", "invalid_json"),
+        (b"[1, 2]", "bad_type"),
+        (b"x" * (MAX_RECORD_BYTES + 1), "too_large"),
+    ],
+)
+def test_undecodable_records(raw, reason):
+    with pytest.raises(InvalidEventError) as err:
+        decode(raw)
+    assert err.value.reason == reason
+
+
+def test_record_of_exactly_the_limit_is_measured_not_rejected_for_size():
+    raw = orjson.dumps(record())
+    padded = raw[:-1] + b"," + b'"pad":"' + b"p" * (MAX_RECORD_BYTES - len(raw) - 9) + b'"}'
+    assert len(padded) == MAX_RECORD_BYTES
+    decode(padded)  # unknown fields are ignored (forward compatible)
+
+
+def test_time_policy_future_and_late():
+    policy = TimePolicy(now=NOW)
+    decode(orjson.dumps(record(occurred_at="2026-11-23T12:04:59Z")), policy)  # skew allowed
+    with pytest.raises(InvalidEventError) as err:
+        decode(orjson.dumps(record(occurred_at="2026-11-23T12:05:01Z")), policy)
+    assert err.value.reason == "future_timestamp"
+    # late but inside retention: accepted, counted on its own day
+    late = NOW - timedelta(days=89)
+    decode(orjson.dumps(record(occurred_at=late.isoformat())), policy)
+    with pytest.raises(InvalidEventError) as err:
+        decode(orjson.dumps(record(occurred_at=(NOW - timedelta(days=92)).isoformat())), policy)
+    assert err.value.reason == "too_old"
+
+
+def test_new_builds_a_valid_event_and_refuses_naive_times():
+    event = UsageEvent.new(
+        user_id=uuid.uuid4(), api_key_id=None, endpoint="/v1/x", method="POST",
+        status_code=201, response_time_ms=3, client_ip="::1",
+    )
+    assert validate(orjson.loads(event.to_json())) == event
+    with pytest.raises(ValueError):
+        UsageEvent.new(
+            user_id=None, api_key_id=None, endpoint="/v1/x", method="GET", status_code=200,
+            response_time_ms=1, client_ip="::1", occurred_at=datetime(2026, 1, 1),
+        )
+
+
+def test_json_schema_matches_the_python_contract():
+    schema = json.loads(
+        resources.files("metering").joinpath("schemas/usage_event.v1.json").read_text()
+    )
+    assert schema["required"] == list(REQUIRED_FIELDS)
+    props = schema["properties"]
+    assert set(props["method"]["enum"]) == HTTP_METHODS
+    assert (props["status_code"]["minimum"], props["status_code"]["maximum"]) == (100, 599)
+    assert props["schema_version"]["const"] == 1
+    assert set(props) == set(record())
