@@ -19,8 +19,8 @@ Rejected records go to the dead-letter topic untouched, with the reason.
 
 from __future__ import annotations
 
-import ipaddress
 import math
+import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,6 +29,11 @@ from typing import Any
 import orjson
 
 from metering.errors import InvalidEventError
+
+try:  # asyncpg's C UUID: a uuid.UUID subclass, ~8x faster to parse
+    from asyncpg.pgproto.pgproto import UUID as _UUID
+except ImportError:  # pragma: no cover
+    _UUID = uuid.UUID
 
 SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024
@@ -223,10 +228,8 @@ def validate(data: Any) -> UsageEvent:
     client_ip = data["client_ip"]
     if not isinstance(client_ip, str):
         raise InvalidEventError("bad_type", "client_ip must be a string")
-    try:
-        client_ip = str(ipaddress.ip_address(client_ip))
-    except ValueError:
-        raise InvalidEventError("bad_value", f"client_ip {client_ip!r} is not an IP address") from None
+    if not _is_ip(client_ip):
+        raise InvalidEventError("bad_value", f"client_ip {client_ip!r} is not an IP address")
 
     bytes_out = data.get("bytes_out")
     if bytes_out is not None:
@@ -266,9 +269,19 @@ def _uuid(data: dict[str, Any], name: str, *, nullable: bool) -> uuid.UUID | Non
     if not isinstance(value, str):
         raise InvalidEventError("bad_type", f"{name} must be a UUID string")
     try:
-        return uuid.UUID(value)
+        return _UUID(value)  # type: ignore[no-any-return]
     except ValueError:
         raise InvalidEventError("bad_value", f"{name} {value!r} is not a UUID") from None
+
+
+def _is_ip(text: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return True
+        except OSError:
+            pass
+    return False
 
 
 def _timestamp(value: Any) -> datetime:

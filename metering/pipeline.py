@@ -97,7 +97,8 @@ class PipelineStats:
     db_retries: int = 0
     redis_failures: int = 0
     rebuilds: int = 0
-    last_batch_at: float | None = None
+    first_batch_at: float | None = None  # wall clock when the first batch began
+    last_batch_at: float | None = None  # wall clock when the last batch was committed
     last_batch_seconds: float = 0.0
 
 
@@ -110,7 +111,39 @@ class BatchResult:
     totals: list[DailyTotal]
 
 
+class _Connection:
+    """One PostgreSQL connection and its writer (the writer's temp table lives on it)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self.conn: asyncpg.Connection | None = None
+        self._writer: UsageWriter | None = None
+
+    async def writer(self) -> UsageWriter:
+        if self._writer is None or self.conn is None or self.conn.is_closed():
+            self.conn = await connect(self._dsn)
+            self._writer = UsageWriter(self.conn)
+        return self._writer
+
+    def forget_partitions(self) -> None:
+        if self._writer is not None:
+            self._writer.forget_partitions()
+
+    def drop(self) -> None:
+        conn, self.conn, self._writer = self.conn, None, None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self.conn, self._writer = self.conn, None, None
+        if conn is not None and not conn.is_closed():
+            await conn.close()
+
+
 class UsagePipeline:
+    """Batches in, committed usage out. ``writers`` batches may be in flight at once,
+    each on its own connection (the stream runs that many agent actors)."""
+
     def __init__(
         self,
         *,
@@ -118,12 +151,12 @@ class UsagePipeline:
         counters: UsageCounters,
         dead_letters: DeadLetterSink,
         policy: Callable[[], TimePolicy] = TimePolicy,
+        writers: int = 1,
         retention_days: int = 90,
         partitions_ahead_months: int = 2,
         max_backoff_s: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._dsn = database_url
         self._counters = counters
         self._dead_letters = dead_letters
         self._policy = policy
@@ -131,9 +164,10 @@ class UsagePipeline:
         self._ahead = partitions_ahead_months
         self._max_backoff = max_backoff_s
         self._sleep = sleep
-        self._conn: asyncpg.Connection | None = None
-        self._writer: UsageWriter | None = None
-        self._lock = asyncio.Lock()
+        self._slots = [_Connection(database_url) for _ in range(max(1, writers))]
+        self._idle: asyncio.Queue[_Connection] = asyncio.Queue()
+        for slot in self._slots:
+            self._idle.put_nowait(slot)
         self._redis_dirty = True  # rebuild check on the first reconcile
         self._stopped = False
         self.stats = PipelineStats()
@@ -141,14 +175,15 @@ class UsagePipeline:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        """Connect eagerly (optional: every path connects on first use)."""
         self._stopped = False
-        await self._writer_or_connect()
+        for slot in self._slots:
+            await slot.writer()
 
     async def stop(self) -> None:
         self._stopped = True
-        conn, self._conn, self._writer = self._conn, None, None
-        if conn is not None and not conn.is_closed():
-            await conn.close()
+        for slot in self._slots:
+            await slot.close()
 
     async def __aenter__(self) -> UsagePipeline:
         await self.start()
@@ -161,29 +196,32 @@ class UsagePipeline:
 
     async def process(self, records: Sequence[RawRecord]) -> BatchResult:
         started = time.perf_counter()
-        async with self._lock:
-            policy = self._policy()
-            events: list[UsageEvent] = []
-            sources: dict[int, RawRecord] = {}
-            letters: list[DeadLetter] = []
-            for rec in records:
-                try:
-                    event = decode(rec.value, policy)
-                except InvalidEventError as exc:
-                    letters.append(DeadLetter(rec, exc.reason, exc.detail))
-                    continue
-                events.append(event)
-                sources[id(event)] = rec
+        if self.stats.first_batch_at is None:
+            self.stats.first_batch_at = time.time()
+        policy = self._policy()
+        events: list[UsageEvent] = []
+        sources: dict[int, RawRecord] = {}
+        letters: list[DeadLetter] = []
+        for rec in records:
+            try:
+                event = decode(rec.value, policy)
+            except InvalidEventError as exc:
+                letters.append(DeadLetter(rec, exc.reason, exc.detail))
+                continue
+            events.append(event)
+            sources[id(event)] = rec
 
-            result, rejected = await self._write(events, sources)
-            letters.extend(rejected)
-            if letters:
-                await self._retry(
-                    "dead-letter publish", lambda: self._dead_letters.send(letters), reconnect=False
-                )
-                for letter in letters:
-                    self.stats.dead_letters[letter.reason] += 1
-            await self._publish_counters(result.totals)
+        slot = await self._idle.get()
+        try:
+            result, rejected = await self._write(slot, events, sources)
+        finally:
+            self._idle.put_nowait(slot)
+        letters.extend(rejected)
+        if letters:
+            await self._retry("dead-letter publish", lambda: self._dead_letters.send(letters))
+            for letter in letters:
+                self.stats.dead_letters[letter.reason] += 1
+        await self._publish_counters(result.totals)
 
         s = self.stats
         s.batches += 1
@@ -195,12 +233,16 @@ class UsagePipeline:
         return BatchResult(len(records), result.inserted, result.duplicates, len(letters), result.totals)
 
     async def _write(
-        self, events: list[UsageEvent], sources: dict[int, RawRecord]
+        self, slot: _Connection, events: list[UsageEvent], sources: dict[int, RawRecord]
     ) -> tuple[WriteResult, list[DeadLetter]]:
         if not events:
             return WriteResult(0, 0, []), []
+
+        async def write(batch: Sequence[UsageEvent]) -> WriteResult:
+            return await (await slot.writer()).write(batch)
+
         try:
-            return await self._retry("PostgreSQL write", lambda: self._write_once(events)), []
+            return await self._retry("PostgreSQL write", lambda: write(events), slot.drop), []
         except asyncpg.PostgresError as exc:
             log.warning("batch rejected by PostgreSQL (%s); isolating bad events", exc.sqlstate)
 
@@ -208,7 +250,7 @@ class UsagePipeline:
         inserted, totals, letters = 0, {}, []
         for e in events:
             try:
-                one = await self._retry("PostgreSQL write", lambda e=e: self._write_once([e]))
+                one = await self._retry("PostgreSQL write", lambda e=e: write([e]), slot.drop)
             except asyncpg.PostgresError as exc:
                 letters.append(
                     DeadLetter(sources[id(e)], "rejected_by_database", f"{exc.sqlstate}: {exc}")
@@ -220,18 +262,11 @@ class UsagePipeline:
         written = len(events) - len(letters)
         return WriteResult(written, inserted, list(totals.values())), letters
 
-    async def _write_once(self, events: Sequence[UsageEvent]) -> WriteResult:
-        writer = await self._writer_or_connect()
-        return await writer.write(events)
-
-    async def _writer_or_connect(self) -> UsageWriter:
-        if self._writer is None or self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self._dsn)
-            self._writer = UsageWriter(self._conn)
-        return self._writer
-
     async def _retry(
-        self, what: str, attempt: Callable[[], Awaitable[T]], *, reconnect: bool = True
+        self,
+        what: str,
+        attempt: Callable[[], Awaitable[T]],
+        on_failure: Callable[[], None] | None = None,
     ) -> T:
         """Retry connection-level failures with capped exponential backoff, forever."""
         delay = 0.2
@@ -245,15 +280,10 @@ class UsagePipeline:
                     raise
                 self.stats.db_retries += 1
                 log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
-                if reconnect:
-                    await self._drop_connection()
+                if on_failure is not None:
+                    on_failure()
                 await self._sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn, self._writer = self._conn, None, None
-        if conn is not None:
-            conn.terminate()
 
     async def _publish_counters(self, totals: list[DailyTotal]) -> None:
         if not totals:
@@ -268,26 +298,29 @@ class UsagePipeline:
     # -- housekeeping (called from a timer) ---------------------------------
 
     async def reconcile(self) -> None:
-        """Rebuild Redis counters if Redis lost them; keep partitions ahead."""
-        async with self._lock:
-            try:
-                await self._writer_or_connect()
-                assert self._conn is not None
-                _, dropped = await maintain_partitions(
-                    self._conn, months_ahead=self._ahead, retention_days=self._retention_days
-                )
-                if dropped:
-                    log.info("dropped expired usage_logs partitions: %s", ", ".join(dropped))
-                if self._redis_dirty or not await self._counters.is_synced():
-                    n = await self._counters.rebuild(self._conn)
-                    self._redis_dirty = False
-                    self.stats.rebuilds += 1
-                    log.info("rebuilt %d Redis usage counters from PostgreSQL", n)
-            except ServiceUnavailable as exc:
-                log.warning("reconcile skipped: %s", exc)
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
-                await self._drop_connection()
-                log.warning("reconcile skipped: %s", exc)
-
+        """Keep partitions ahead, drop expired ones, rebuild Redis if it lost its data."""
+        slot = await self._idle.get()
+        try:
+            await slot.writer()
+            assert slot.conn is not None
+            _, dropped = await maintain_partitions(
+                slot.conn, months_ahead=self._ahead, retention_days=self._retention_days
+            )
+            if dropped:
+                for other in self._slots:
+                    other.forget_partitions()
+                log.info("dropped expired usage_logs partitions: %s", ", ".join(dropped))
+            if self._redis_dirty or not await self._counters.is_synced():
+                n = await self._counters.rebuild(slot.conn)
+                self._redis_dirty = False
+                self.stats.rebuilds += 1
+                log.info("rebuilt %d Redis usage counters from PostgreSQL", n)
+        except ServiceUnavailable as exc:
+            log.warning("reconcile skipped: %s", exc)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            slot.drop()
+            log.warning("reconcile skipped: %s", exc)
+        finally:
+            self._idle.put_nowait(slot)

@@ -34,7 +34,7 @@ class Settings:
     worker_id: str = "metering-usage"  # Kafka consumer group of the stream app
     batch_size: int = 5000
     batch_within_s: float = 0.5
-    commit_interval_s: float = 2.8  # Kafka offset commits (Faust broker_commit_interval)
+    writers: int = 2  # batches in flight per worker (agent actors, one DB connection each)
     session_timeout_s: float = 60.0  # a crashed worker's partitions move after this
     reconcile_interval_s: float = 30.0  # partitions ahead + Redis rebuild check
     web_enabled: bool = True
@@ -65,10 +65,14 @@ class Settings:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigurationError("METERING_BATCH_SIZE must be >= 1")
+        if not 1 <= self.writers <= 16:
+            raise ConfigurationError("METERING_WRITERS must be between 1 and 16")
         if self.batch_within_s <= 0:
             raise ConfigurationError("METERING_BATCH_WITHIN_S must be > 0")
-        if self.commit_interval_s <= 0 or self.reconcile_interval_s <= 0:
-            raise ConfigurationError("METERING_*_INTERVAL_S settings must be > 0")
+        if self.reconcile_interval_s <= 0 or self.session_timeout_s <= 0:
+            raise ConfigurationError(
+                "METERING_RECONCILE_INTERVAL_S and METERING_SESSION_TIMEOUT_S must be > 0"
+            )
         if self.events_partitions < 1:
             raise ConfigurationError("METERING_EVENTS_PARTITIONS must be >= 1")
         if self.retention_days < 1:

@@ -21,11 +21,6 @@ app = faust.App(
     topic_partitions=settings.events_partitions,
     topic_allow_declare=True,
     consumer_auto_offset_reset="earliest",
-    # a batch is written before its events are acked; keep enough in flight
-    stream_buffer_maxsize=max(4096, settings.batch_size * 2),
-    broker_max_poll_records=min(settings.batch_size, 5000),
-    stream_wait_empty=True,
-    broker_commit_interval=settings.commit_interval_s,
     broker_session_timeout=settings.session_timeout_s,
     broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
     web_enabled=settings.web_enabled,

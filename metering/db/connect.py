@@ -29,6 +29,6 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
         conn = await asyncpg.connect(
             dsn, timeout=timeout, server_settings={"timezone": "UTC", "application_name": "metering"}
         )
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise ServiceUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
     return conn

@@ -45,7 +45,7 @@ CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS usage_stage (
     event_id uuid, created_at timestamptz, user_id uuid, api_key_id uuid,
     endpoint text, method text, status_code smallint, response_time_ms double precision,
-    client_ip inet, bytes_out bigint, units integer, schema_version smallint
+    client_ip text, bytes_out bigint, units integer, schema_version smallint
 ) ON COMMIT DELETE ROWS
 """
 
@@ -58,7 +58,7 @@ WITH inserted AS (
                             status_code, response_time_ms, client_ip, bytes_out, units,
                             schema_version)
     SELECT event_id, created_at, user_id, api_key_id, endpoint, method,
-           status_code, response_time_ms, client_ip, bytes_out, units, schema_version
+           status_code, response_time_ms, client_ip::inet, bytes_out, units, schema_version
     FROM usage_stage
     ON CONFLICT DO NOTHING
     RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units
@@ -134,8 +134,12 @@ class UsageWriter:
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
-        self._known_partitions: set[str] = set()
+        self._known_months: set[tuple[int, int]] = set()  # (year, month), UTC
         self._stage_ready = False
+
+    def forget_partitions(self) -> None:
+        """Re-check partitions on the next write (after maintenance dropped some)."""
+        self._known_months.clear()
 
     async def write(self, events: Sequence[UsageEvent]) -> WriteResult:
         if not events:
@@ -161,11 +165,9 @@ class UsageWriter:
         return WriteResult(len(events), row["inserted"], totals)
 
     async def _ensure_partitions(self, events: Sequence[UsageEvent]) -> None:
-        needed = {}
-        for e in events:
-            p = month_partition(e.occurred_at)
-            if p.name not in self._known_partitions:
-                needed[p.name] = p.start
-        for name, start in needed.items():
-            await self._conn.execute("SELECT ensure_usage_logs_partition($1)", start)
-            self._known_partitions.add(name)
+        months = {(e.occurred_at.year, e.occurred_at.month): e.occurred_at for e in events}
+        for month, ts in months.items():
+            if month in self._known_months:
+                continue
+            await self._conn.execute("SELECT ensure_usage_logs_partition($1)", month_partition(ts).start)
+            self._known_months.add(month)

@@ -1,35 +1,50 @@
-"""The usage agent: batches from ``usage.events`` into the usage pipeline.
+"""The usage consumer: batches from ``usage.events`` into the usage pipeline.
 
-Thin on purpose: it batches, converts Faust events to plain records, and
-calls :class:`metering.pipeline.UsagePipeline`. Offsets are acknowledged by
-``take_events`` only after ``process`` returns, i.e. after the batch is
-committed to PostgreSQL. If ``process`` ever raises, the worker exits at
-once without committing offsets (Kafka redelivers the batch to the next
-worker, and the event-id dedup makes that harmless); letting the exception
-unwind would let Faust acknowledge events that were never written.
+A Faust service (started and stopped with the worker, next to its timers,
+web views and producer) that fetches whole batches with aiokafka instead of
+receiving records one by one through a Faust agent: Faust's per-record path
+costs ~90 µs of CPU per record here and capped an empty ``stream.take``
+agent at 7.5-11.6k records/s, below the pipeline's target (see
+docs/decisions.md, "Usage consumer").
+
+Thin on purpose: it fetches, converts records, calls
+:class:`metering.pipeline.UsagePipeline` and commits offsets.
+
+* Offsets are committed only after ``process`` returned, i.e. after the
+  batch is in PostgreSQL, and strictly in fetch order: with ``writers``
+  batches in flight, a later batch's offsets are never committed before an
+  earlier one's. A crash therefore redelivers, never skips; the event-id
+  dedup makes the redelivery harmless.
+* On a rebalance, in-flight batches are finished and committed before the
+  partitions are handed over.
+* If ``process`` raises (a bug, not an outage: outages are retried inside
+  the pipeline) the service crashes the worker without committing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
+from collections import deque
 from collections.abc import Sequence
+from datetime import timedelta
 
 import mode
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from faust.types import EventT, StreamT
 
 from metering.counters import UsageCounters
 from metering.errors import ServiceUnavailable
 from metering.events import TimePolicy
 from metering.pipeline import DeadLetter, RawRecord, UsagePipeline
 from streams.app import app, settings
-from streams.topics import usage_dlq, usage_events
+from streams.topics import usage_dlq
 
 log = logging.getLogger(__name__)
-EXIT_UNPERSISTED_BATCH = 70
+
+Offsets = dict[TopicPartition, int]
 
 
 class FaustDeadLetters:
@@ -49,8 +64,6 @@ class FaustDeadLetters:
 
 
 def _policy() -> TimePolicy:
-    from datetime import timedelta
-
     return TimePolicy(
         max_future_skew=timedelta(seconds=settings.max_future_skew_s),
         retention=timedelta(days=settings.retention_days),
@@ -63,48 +76,125 @@ pipeline = UsagePipeline(
     counters=UsageCounters(redis=redis_client, prefix=settings.redis_key_prefix),
     dead_letters=FaustDeadLetters(),
     policy=_policy,
+    writers=settings.writers,
     retention_days=settings.retention_days,
     partitions_ahead_months=settings.partitions_ahead_months,
 )
 
 
-def to_record(event: EventT) -> RawRecord:
-    msg = event.message
-    headers = msg.headers or []
-    if isinstance(headers, dict):
-        headers = list(headers.items())
-    return RawRecord(
-        value=msg.value,
-        key=msg.key,
-        topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
-        headers=[(k, v) for k, v in headers],
-    )
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: UsageConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._owner.drain()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("usage consumer assigned %s", sorted(tp.partition for tp in assigned))
 
 
-@app.agent(usage_events, name="usage", concurrency=1)
-async def usage(stream: StreamT[bytes]) -> None:
-    async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-        try:
-            result = await pipeline.process([to_record(e) for e in batch])
-        except BaseException:
-            log.critical(
-                "usage batch of %d events could not be persisted; exiting without "
-                "committing offsets so Kafka redelivers it",
-                len(batch),
-                exc_info=True,
-            )
-            logging.shutdown()
-            os._exit(EXIT_UNPERSISTED_BATCH)
-        log.debug(
-            "batch: %d records, %d inserted, %d duplicates, %d dead letters",
-            result.records,
-            result.inserted,
-            result.duplicates,
-            result.dead_letters,
+@app.service
+class UsageConsumer(mode.Service):
+    """Fetch -> process -> commit, with up to ``settings.writers`` batches in flight."""
+
+    def __post_init__(self) -> None:
+        self._consumer: AIOKafkaConsumer | None = None
+        self._inflight: deque[tuple[asyncio.Task[object], Offsets]] = deque()
+        self._retire_lock = asyncio.Lock()
+        self._fetching = True
+        self._loop_done = asyncio.Event()
+
+    async def on_start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=f"{settings.worker_id}-usage-events",
+            client_id=f"{settings.worker_id}-usage",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=settings.batch_size,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=int(settings.batch_within_s * 1000),
+            session_timeout_ms=int(settings.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(min(3.0, settings.session_timeout_s / 3) * 1000),
+            max_poll_interval_ms=600_000,  # a PostgreSQL outage pauses us; don't leave the group
         )
+        self._consumer.subscribe([settings.events_topic], listener=_Rebalance(self))
+        await self._consumer.start()
+
+    async def on_stop(self) -> None:
+        # Stop fetching, let the batches in flight finish, commit them, leave.
+        self._fetching = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._loop_done.wait(), settings.batch_within_s + 5)
+        if self._consumer is not None:
+            try:
+                await self.drain()
+            except Exception:
+                log.exception("could not finish the batches in flight; Kafka will redeliver them")
+            await self._consumer.stop()
+            self._consumer = None
+        await pipeline.stop()
+        await redis_client.aclose()
+
+    @mode.Service.task
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        timeout_ms = int(settings.batch_within_s * 1000)
+        try:
+            await self._fetch_loop(consumer, timeout_ms)
+        finally:
+            self._loop_done.set()
+
+    async def _fetch_loop(self, consumer: AIOKafkaConsumer, timeout_ms: int) -> None:
+        while self._fetching and not self.should_stop:
+            fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=settings.batch_size)
+            records: list[RawRecord] = []
+            offsets: Offsets = {}
+            for tp, msgs in fetched.items():
+                for m in msgs:
+                    records.append(
+                        RawRecord(
+                            value=m.value, key=m.key, topic=m.topic, partition=m.partition,
+                            offset=m.offset, timestamp_ms=m.timestamp, headers=list(m.headers),
+                        )
+                    )
+                offsets[tp] = msgs[-1].offset + 1
+            if records:
+                task = asyncio.create_task(pipeline.process(records))
+                self._inflight.append((task, offsets))
+            # Keep at most `writers` batches in flight; retire finished ones in order.
+            while self._inflight and (
+                len(self._inflight) >= settings.writers or self._inflight[0][0].done()
+            ):
+                await self._retire_oldest()
+
+    async def _retire_oldest(self) -> None:
+        """Wait for the oldest batch in flight, then commit its offsets."""
+        async with self._retire_lock:
+            if not self._inflight:
+                return
+            task, offsets = self._inflight[0]
+            try:
+                # shield: stopping the fetch loop must not cancel a half-written batch
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.critical(
+                    "usage batch could not be persisted; stopping without committing it",
+                    exc_info=True,
+                )
+                await self.crash(exc)
+                raise
+            self._inflight.popleft()
+            assert self._consumer is not None
+            await self._consumer.commit(offsets)
+
+    async def drain(self) -> None:
+        """Finish and commit every batch in flight (rebalance, shutdown)."""
+        while self._inflight:
+            await self._retire_oldest()
 
 
 @app.task
@@ -115,12 +205,3 @@ async def reconcile_on_start() -> None:
 @app.timer(interval=settings.reconcile_interval_s)
 async def reconcile() -> None:
     await pipeline.reconcile()
-
-
-@app.service
-class PipelineResources(mode.Service):
-    """Closes the pipeline's connections when the worker stops."""
-
-    async def on_stop(self) -> None:
-        await pipeline.stop()
-        await redis_client.aclose()

@@ -39,6 +39,10 @@ class Metrics(View):
             f"metering_redis_failures_total {s.redis_failures}",
             "# TYPE metering_last_batch_seconds gauge",
             f"metering_last_batch_seconds {s.last_batch_seconds:.6f}",
+            "# TYPE metering_first_batch_timestamp_seconds gauge",
+            f"metering_first_batch_timestamp_seconds {s.first_batch_at or 0:.6f}",
+            "# TYPE metering_last_batch_timestamp_seconds gauge",
+            f"metering_last_batch_timestamp_seconds {s.last_batch_at or 0:.6f}",
             "# TYPE metering_seconds_since_last_batch gauge",
             f"metering_seconds_since_last_batch "
             f"{(time.time() - s.last_batch_at) if s.last_batch_at else -1:.3f}",

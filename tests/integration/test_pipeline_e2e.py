@@ -1,8 +1,9 @@
 """The spine, end to end: real Kafka -> faust worker -> PostgreSQL + Redis.
 
-Exact duplicates, a worker crash before any offset commit (so Kafka
-redelivers everything it had processed), producer re-sends after the
-restart, and malformed records. Afterwards each distinct valid event is in
+Exact duplicates, a worker killed with SIGKILL, its group's offsets then
+rewound to the start (the worst case of a crash between the PostgreSQL
+commit and the offset commit: Kafka redelivers everything), producer
+re-sends after the restart, and malformed records. Afterwards each distinct valid event is in
 usage_logs once, daily_usage equals an independent count, Redis equals
 daily_usage, and the DLQ holds every bad record with its reason.
 """
@@ -15,7 +16,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from metering.counters import UsageCounters
 from metering.events import UsageEvent
@@ -74,6 +76,30 @@ def bad_records(now: datetime) -> list[tuple[bytes | None, str]]:
     ]
 
 
+async def rewind_group(s) -> None:
+    """Commit offset 0 on every partition for the worker's consumer group.
+
+    Retries until the killed member's session has expired and the group is empty."""
+    group = f"{s.worker_id}-usage-events"
+    parts = [TopicPartition(s.events_topic, p) for p in range(s.events_partitions)]
+
+    async def rewound() -> bool:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            consumer.assign(parts)
+            await consumer.commit({tp: 0 for tp in parts})
+            return True
+        except KafkaError:
+            return False  # the dead member still holds the group
+        finally:
+            await consumer.stop()
+
+    await eventually(rewound, timeout=30, what="the consumer group to be rewound", interval=1)
+
+
 def expected_daily(events: list[UsageEvent]) -> dict[tuple[uuid.UUID, object], tuple[int, int, int]]:
     req: Counter[tuple[uuid.UUID, object]] = Counter()
     units: Counter[tuple[uuid.UUID, object]] = Counter()
@@ -109,8 +135,7 @@ async def test_exactly_once_across_duplicates_crash_and_redelivery(
             assert producer.emit_raw(b"bad", raw)
         await producer.flush(timeout=30)
 
-        # Worker 1 never commits an offset (commit interval 10 min), then crashes.
-        w1 = worker_factory(s, METERING_COMMIT_INTERVAL_S="600", METERING_BATCH_SIZE="300")
+        w1 = worker_factory(s, METERING_BATCH_SIZE="300")
 
         async def first_written() -> bool:
             w1.assert_running()
@@ -118,6 +143,9 @@ async def test_exactly_once_across_duplicates_crash_and_redelivery(
 
         await eventually(first_written, timeout=90, what="worker 1 to write the first events")
         w1.kill()
+        # As if the crash came after the PostgreSQL commits but before any
+        # offset commit: the group restarts from the beginning of the topic.
+        await rewind_group(s)
 
         # Producer re-sends part of what was already delivered, plus new events.
         for e in first[:300]:
@@ -128,7 +156,7 @@ async def test_exactly_once_across_duplicates_crash_and_redelivery(
     finally:
         await producer.stop()
 
-    w2 = worker_factory(s, METERING_COMMIT_INTERVAL_S="1", METERING_RECONCILE_INTERVAL_S="1")
+    w2 = worker_factory(s, METERING_RECONCILE_INTERVAL_S="1")
     valid = first + second
     total_records = len(first) + len(first) // 10 + 300 + len(second) + len(bad)
 
@@ -210,3 +238,43 @@ async def test_exactly_once_across_duplicates_crash_and_redelivery(
         await consumer.stop()
     assert seen == {raw: reason for raw, reason in bad}
     assert m["metering_dead_letters_total{reason=\"invalid_json\"}"] >= 1
+
+
+async def test_graceful_restart_commits_and_redelivers_nothing(kafka_settings, db, worker_factory):
+    s = kafka_settings
+    rng = random.Random(11)
+    producer = UsageProducer(bootstrap_servers=s.kafka_bootstrap, topic=s.events_topic)
+    await producer.start()
+    try:
+        for e in make_events(rng, 500, datetime.now(UTC)):
+            producer.emit(e)
+        await producer.flush(timeout=30)
+
+        w1 = worker_factory(s)
+
+        async def written(n: int) -> bool:
+            return await db.fetchval("SELECT count(*) FROM usage_logs") == n
+
+        await eventually(lambda: written(500), timeout=60, what="500 events written")
+        assert w1.stop() == 0  # SIGTERM: finish, commit, leave the group, exit 0
+
+        for e in make_events(rng, 50, datetime.now(UTC)):
+            producer.emit(e)
+        await producer.flush(timeout=30)
+    finally:
+        await producer.stop()
+
+    w2 = worker_factory(s)
+
+    async def caught_up() -> bool:
+        w2.assert_running()
+        try:
+            return (await w2.metrics()).get("metering_records_total", 0) >= 50
+        except OSError:
+            return False
+
+    await eventually(caught_up, timeout=60, what="worker 2 to read the new events")
+    m = await w2.metrics()
+    assert m["metering_records_total"] == 50  # nothing from before the restart came back
+    assert m["metering_events_duplicate_total"] == 0
+    assert await written(550)

@@ -1,0 +1,128 @@
+"""Migrations applied to an empty database, re-run, run concurrently, guarded."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from metering.db.migrate import SQL_DIR, load, maintain_partitions, migrate
+from metering.db.partitions import month_partition
+from metering.errors import MigrationError
+from tests.integration.conftest import BASE, db_url
+
+
+@pytest.fixture
+async def empty_db(services):
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(BASE.database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    yield db_url(name)
+    admin = await asyncpg.connect(BASE.database_url)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+async def test_migrations_build_the_schema_and_rerun_as_noop(empty_db):
+    conn = await asyncpg.connect(empty_db)
+    try:
+        applied = await migrate(conn)
+        assert [m.version for m in applied] == [m.version for m in load()]
+        assert await migrate(conn) == []
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        assert {"access_tiers", "users", "api_keys", "usage_logs", "daily_usage",
+                "schema_migrations"} <= tables
+        tiers = await conn.fetch(
+            "SELECT name, daily_quota, rate_limit_per_minute FROM access_tiers ORDER BY id"
+        )
+        assert [tuple(r) for r in tiers] == [
+            ("free", 1000, 10), ("pro", 100000, 100), ("enterprise", None, 1000)
+        ]
+        indexes = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
+        assert {"daily_usage_pkey", "usage_logs_user_id_created_at_idx",
+                "api_keys_key_hash_key"} <= indexes
+        # usage_logs is partitioned by month, with the current month present
+        assert await conn.fetchval(
+            "SELECT partstrat::text FROM pg_partitioned_table WHERE partrelid = 'usage_logs'::regclass"
+        ) == "r"
+        now = datetime.now(UTC)
+        assert await conn.fetchval("SELECT to_regclass($1)", month_partition(now).name)
+        ahead = month_partition(month_partition(now).end + timedelta(days=40))
+        assert await conn.fetchval("SELECT to_regclass($1)", ahead.name)
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrate_runs_apply_each_file_once(empty_db):
+    conns = [await asyncpg.connect(empty_db) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(migrate(c) for c in conns))
+        assert sorted(len(r) for r in results) == [0, 0, len(load())]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == len(load())
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_an_edited_migration_is_refused(empty_db, tmp_path):
+    folder = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, folder)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await migrate(conn, folder)
+        first = sorted(folder.glob("*.sql"))[0]
+        first.write_text(first.read_text() + "\n-- sneaky edit\n")
+        with pytest.raises(MigrationError, match="edited after it was applied"):
+            await migrate(conn, folder)
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_migration_is_rolled_back_and_reported(empty_db, tmp_path):
+    folder = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, folder)
+    (folder / "9999_broken.sql").write_text("CREATE TABLE ok_table (id int); SELECT 1/0;")
+    conn = await asyncpg.connect(empty_db)
+    try:
+        with pytest.raises(MigrationError, match="9999_broken failed"):
+            await migrate(conn, folder)
+        assert await conn.fetchval("SELECT to_regclass('ok_table')") is None
+        assert await conn.fetchval("SELECT max(version) FROM schema_migrations") < 9999
+    finally:
+        await conn.close()
+
+
+async def test_seed_functions_and_partition_maintenance(db):
+    user = uuid.uuid4()
+    today = datetime.now(UTC).date()
+    await db.execute(
+        "INSERT INTO daily_usage (user_id, date, request_count) VALUES ($1, $2, 1000)", user, today
+    )
+    assert await db.fetchval("SELECT check_quota_exceeded($1, 1000)", user) is True
+    assert await db.fetchval("SELECT check_quota_exceeded($1, 1001)", user) is False
+    assert await db.fetchval("SELECT check_quota_exceeded($1, NULL)", user) is False  # unlimited
+    now = datetime.now(UTC)
+    for seconds in (10, 30, 500):
+        await db.execute(
+            "INSERT INTO usage_logs (event_id, created_at, user_id, endpoint, method, status_code,"
+            " response_time_ms, client_ip) VALUES ($1, $2, $3, '/x', 'GET', 200, 1, '127.0.0.1')",
+            uuid.uuid4(), now - timedelta(seconds=seconds), user,
+        )
+    assert await db.fetchval("SELECT get_rate_limit($1, 1)", user) == 2
+    assert await db.fetchval("SELECT get_rate_limit($1, 60)", user) == 3
+
+    # An old partition beyond retention is dropped; current ones are kept.
+    old = datetime.now(UTC) - timedelta(days=200)
+    old_name = await db.fetchval("SELECT ensure_usage_logs_partition($1)", old)
+    ensured, dropped = await maintain_partitions(db, months_ahead=2, retention_days=90)
+    assert old_name in dropped
+    assert month_partition(now).name in ensured
+    assert await db.fetchval("SELECT to_regclass($1)", old_name) is None
