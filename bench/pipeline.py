@@ -73,20 +73,29 @@ async def drop_db(base: Settings, name: str) -> None:
 async def preload(s: Settings, n: int, users: int, seed: int) -> int:
     rng = random.Random(seed)
     sim_users = [
-        SimUser(uuid.uuid4(), f"bench-{i}@example.com", "pro", (uuid.uuid4(),),
-                (f"203.0.113.{i % 250 + 1}",), 1.0 / (i + 1) ** 0.8)
+        SimUser(
+            uuid.uuid4(),
+            f"bench-{i}@example.com",
+            "pro",
+            (uuid.uuid4(),),
+            (f"203.0.113.{i % 250 + 1}",),
+            1.0 / (i + 1) ** 0.8,
+        )
         for i in range(users)
     ]
     weights = [u.weight for u in sim_users]
     producer = AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True,
-        linger_ms=20, max_batch_size=512 * 1024,
+        bootstrap_servers=s.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=20,
+        max_batch_size=512 * 1024,
     )
     await producer.start()
     now = datetime.now(UTC)
     try:
         pending = []
-        for i in range(n):
+        for _ in range(n):
             user = None if rng.random() < 0.05 else rng.choices(sim_users, weights)[0]
             at = now - timedelta(seconds=rng.uniform(0, 6 * 3600))
             e = make_event(rng, user, at)
@@ -120,7 +129,11 @@ def run_worker(s: Settings, n: int, port: int, log: Path, timeout: float) -> dic
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "metering.cli", "worker", "-l", "warn"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+            start_new_session=True,
         )
     ps = psutil.Process(proc.pid)
     started = time.time()
@@ -169,8 +182,12 @@ async def naive(s: Settings, limit: int) -> tuple[int, float]:
     conn = await asyncpg.connect(s.database_url)
     r = aioredis.from_url(s.redis_url)
     consumer = AIOKafkaConsumer(
-        s.events_topic, bootstrap_servers=s.kafka_bootstrap, group_id=f"naive-{uuid.uuid4().hex[:8]}",
-        auto_offset_reset="earliest", enable_auto_commit=True, max_poll_records=500,
+        s.events_topic,
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=f"naive-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=True,
+        max_poll_records=500,
     )
     await consumer.start()
     done, first = 0, None
@@ -185,9 +202,19 @@ async def naive(s: Settings, limit: int) -> tuple[int, float]:
                         first = time.perf_counter()
                     e = decode(msg.value)
                     await conn.execute(
-                        NAIVE_INSERT, e.event_id, e.occurred_at, e.user_id, e.api_key_id,
-                        e.endpoint, e.method, e.status_code, e.response_time_ms, e.client_ip,
-                        e.bytes_out, e.units, e.schema_version,
+                        NAIVE_INSERT,
+                        e.event_id,
+                        e.occurred_at,
+                        e.user_id,
+                        e.api_key_id,
+                        e.endpoint,
+                        e.method,
+                        e.status_code,
+                        e.response_time_ms,
+                        e.client_ip,
+                        e.bytes_out,
+                        e.units,
+                        e.schema_version,
                     )
                     if e.user_id is not None:
                         day = e.occurred_at.date()
@@ -225,7 +252,9 @@ async def verify(url: str, n: int) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.pipeline", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--users", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=5000)
@@ -246,15 +275,21 @@ def main(argv: list[str] | None = None) -> int:
         url = await create_db(base, db_name)
         naive_url = await create_db(base, naive_db)
         s = Settings.from_env(
-            events_topic=f"bench.{tag}.usage.events", dlq_topic=f"bench.{tag}.dlq",
-            alerts_topic=f"bench.{tag}.alerts", worker_id=f"bench-{tag}", database_url=url,
-            redis_key_prefix=f"bench-{tag}", batch_size=args.batch_size,
+            events_topic=f"bench.{tag}.usage.events",
+            dlq_topic=f"bench.{tag}.dlq",
+            alerts_topic=f"bench.{tag}.alerts",
+            worker_id=f"bench-{tag}",
+            database_url=url,
+            redis_key_prefix=f"bench-{tag}",
+            batch_size=args.batch_size,
         )
         await ensure_topics(s)
         t0 = time.perf_counter()
         await preload(s, args.events, args.users, args.seed)
-        print(f"pre-loaded {await topic_size(s):,} events into {s.events_topic} "
-              f"in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"pre-loaded {await topic_size(s):,} events into {s.events_topic} "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
         return s, Settings.from_env(
             events_topic=s.events_topic, database_url=naive_url, redis_key_prefix=f"bench-{tag}"
         )
@@ -265,31 +300,48 @@ def main(argv: list[str] | None = None) -> int:
             log = Path(tmp) / "worker.log"
             port = 16000 + random.randint(0, 2000)
             m = run_worker(s, args.events, port, log, timeout=max(120, args.events / 500))
-            span = m["metering_last_batch_timestamp_seconds"] - m["metering_first_batch_timestamp_seconds"]
+            span = (
+                m["metering_last_batch_timestamp_seconds"]
+                - m["metering_first_batch_timestamp_seconds"]
+            )
             rate = args.events / span
             logs, daily = asyncio.run(verify(s.database_url, args.events))
             exact = logs == args.events == daily
-            print(f"pipeline : {args.events:,} events in {span:.2f}s = {rate:,.0f} events/s end to end "
-                  f"(first batch start -> last commit); worker CPU {m['cpu_seconds']:.1f}s, "
-                  f"peak RSS {m['peak_rss_mib']:.0f} MiB; {m['metering_batches_total']:.0f} batches; "
-                  f"{m['wall_from_start']:.1f}s including worker start-up")
-            print(f"           usage_logs={logs:,} daily_usage+anonymous={daily:,} -> "
-                  f"{'exact' if exact else 'MISMATCH'}")
-            results.update(pipeline_events_per_s=round(rate), pipeline_seconds=round(span, 3),
-                           worker_cpu_s=round(m["cpu_seconds"], 2),
-                           worker_peak_rss_mib=round(m["peak_rss_mib"], 1), exact=exact)
+            print(
+                f"pipeline : {args.events:,} events in {span:.2f}s = {rate:,.0f} events/s end to end "
+                f"(first batch start -> last commit); worker CPU {m['cpu_seconds']:.1f}s, "
+                f"peak RSS {m['peak_rss_mib']:.0f} MiB; {m['metering_batches_total']:.0f} batches; "
+                f"{m['wall_from_start']:.1f}s including worker start-up"
+            )
+            print(
+                f"           usage_logs={logs:,} daily_usage+anonymous={daily:,} -> "
+                f"{'exact' if exact else 'MISMATCH'}"
+            )
+            results.update(
+                pipeline_events_per_s=round(rate),
+                pipeline_seconds=round(span, 3),
+                worker_cpu_s=round(m["cpu_seconds"], 2),
+                worker_peak_rss_mib=round(m["peak_rss_mib"], 1),
+                exact=exact,
+            )
         if args.naive_events:
             n, secs = asyncio.run(naive(naive_settings, min(args.naive_events, args.events)))
             naive_rate = n / secs
-            print(f"naive    : {n:,} events in {secs:.2f}s = {naive_rate:,.0f} events/s "
-                  "(INSERT + upsert + INCR per event)")
+            print(
+                f"naive    : {n:,} events in {secs:.2f}s = {naive_rate:,.0f} events/s "
+                "(INSERT + upsert + INCR per event)"
+            )
             print(f"ratio    : {rate / naive_rate:.1f}x")
-            results.update(naive_events=n, naive_events_per_s=round(naive_rate),
-                           ratio=round(rate / naive_rate, 1))
+            results.update(
+                naive_events=n,
+                naive_events_per_s=round(naive_rate),
+                ratio=round(rate / naive_rate, 1),
+            )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
         return 0 if exact else 1
     finally:
+
         async def cleanup() -> None:
             await drop_db(base, db_name)
             await drop_db(base, naive_db)

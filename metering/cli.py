@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "down", "status"])
 
     db = sub.add_parser("db", help="database schema")
-    db.add_argument("action", choices=["migrate", "maintain"],
-                    help="migrate: apply sql/ migrations; maintain: partitions ahead, drop expired")
+    db.add_argument(
+        "action",
+        choices=["migrate", "maintain"],
+        help="migrate: apply sql/ migrations; maintain: partitions ahead, drop expired",
+    )
 
     topics = sub.add_parser("topics", help="Kafka topics")
     topics.add_argument("action", choices=["ensure"])
@@ -92,17 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run the stream processors (faust worker)")
     worker.add_argument("--web-port", type=_positive_int, help="health/metrics port (default 6066)")
     worker.add_argument("--no-web", action="store_true", help="disable the web server")
-    worker.add_argument("-l", "--loglevel", default="info",
-                        choices=["crit", "error", "warn", "info", "debug"])
+    worker.add_argument(
+        "-l", "--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"]
+    )
 
     sim = sub.add_parser("simulate", help="publish realistic usage events")
     sim.add_argument("--users", type=_positive_int, default=5, help="number of users (default 5)")
     sim.add_argument("--events", type=_positive_int, default=1000, help="events to send")
-    sim.add_argument("--rate", type=_positive_float, help="events per second (default: as fast as possible)")
-    sim.add_argument("--duplicates", type=_ratio, default=0.0,
-                     help="fraction of events sent twice, like producer retries (0-1)")
-    sim.add_argument("--bad", type=_non_negative_int, default=0,
-                     help="malformed records to send (they must reach the DLQ)")
+    sim.add_argument(
+        "--rate", type=_positive_float, help="events per second (default: as fast as possible)"
+    )
+    sim.add_argument(
+        "--duplicates",
+        type=_ratio,
+        default=0.0,
+        help="fraction of events sent twice, like producer retries (0-1)",
+    )
+    sim.add_argument(
+        "--bad",
+        type=_non_negative_int,
+        default=0,
+        help="malformed records to send (they must reach the DLQ)",
+    )
     sim.add_argument("--seed", type=int, help="random seed")
 
     usage = sub.add_parser("usage", help="daily usage from PostgreSQL, with the Redis counters")
@@ -110,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--days", type=_positive_int, default=7, help="days back, UTC (default 7)")
 
     counters = sub.add_parser("counters", help="Redis usage counters")
-    counters.add_argument("action", choices=["rebuild"],
-                          help="rebuild: re-derive today's and yesterday's counters from PostgreSQL")
+    counters.add_argument(
+        "action",
+        choices=["rebuild"],
+        help="rebuild: re-derive today's and yesterday's counters from PostgreSQL",
+    )
     return p
 
 
@@ -165,7 +182,8 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
                     print("database is up to date")
             else:
                 ensured, dropped = await maintain_partitions(
-                    conn, months_ahead=settings.partitions_ahead_months,
+                    conn,
+                    months_ahead=settings.partitions_ahead_months,
                     retention_days=settings.retention_days,
                 )
                 print(f"partitions present: {', '.join(ensured)}")
@@ -221,16 +239,28 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
             users = await simulate.ensure_users(conn, args.users)
         finally:
             await conn.close()
-        producer = UsageProducer(bootstrap_servers=settings.kafka_bootstrap, topic=settings.events_topic)
+        producer = UsageProducer(
+            bootstrap_servers=settings.kafka_bootstrap, topic=settings.events_topic
+        )
         await producer.start()
         try:
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                          disable=not console.is_terminal) as bar:
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                disable=not console.is_terminal,
+            ) as bar:
                 task = bar.add_task("sending", total=args.events)
                 return await simulate.run(
-                    producer, users, events=args.events, rate=args.rate,
-                    duplicate_ratio=args.duplicates, bad_records=args.bad, seed=args.seed,
+                    producer,
+                    users,
+                    events=args.events,
+                    rate=args.rate,
+                    duplicate_ratio=args.duplicates,
+                    bad_records=args.bad,
+                    seed=args.seed,
                     progress=lambda n: bar.advance(task, n),
                 )
         finally:
@@ -271,7 +301,18 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
     rows = asyncio.run(go())
     table = Table(title=f"daily usage, last {args.days} day(s), UTC")
-    for col in ("date", "user", "tier", "requests", "units", "4xx", "5xx", "avg ms", "quota", "redis"):
+    for col in (
+        "date",
+        "user",
+        "tier",
+        "requests",
+        "units",
+        "4xx",
+        "5xx",
+        "avg ms",
+        "quota",
+        "redis",
+    ):
         table.add_column(col, justify="left" if col in ("date", "user", "tier") else "right")
     for r in rows:
         quota = f"{100 * r.requests / r.daily_quota:.1f}%" if r.daily_quota else "unlimited"
@@ -279,9 +320,16 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
         if r.redis_requests is not None and r.redis_requests != r.requests:
             redis_cell += " (!)"
         table.add_row(
-            r.day.isoformat(), r.email or str(r.user_id), r.tier or "?", f"{r.requests:,}",
-            f"{r.units:,}", str(r.client_errors), str(r.server_errors),
-            f"{r.avg_ms:.1f}" if r.avg_ms is not None else "-", quota, redis_cell,
+            r.day.isoformat(),
+            r.email or str(r.user_id),
+            r.tier or "?",
+            f"{r.requests:,}",
+            f"{r.units:,}",
+            str(r.client_errors),
+            str(r.server_errors),
+            f"{r.avg_ms:.1f}" if r.avg_ms is not None else "-",
+            quota,
+            redis_cell,
         )
     console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table if rows else "no usage recorded in that range")

@@ -209,7 +209,9 @@ def validate(data: Any) -> UsageEvent:
 
     method = data["method"]
     if not isinstance(method, str) or method not in HTTP_METHODS:
-        raise InvalidEventError("bad_value", f"method must be an upper-case HTTP method, got {method!r}")
+        raise InvalidEventError(
+            "bad_value", f"method must be an upper-case HTTP method, got {method!r}"
+        )
 
     status = data["status_code"]
     if type(status) is not int:
@@ -269,7 +271,7 @@ def _uuid(data: dict[str, Any], name: str, *, nullable: bool) -> uuid.UUID | Non
     if not isinstance(value, str):
         raise InvalidEventError("bad_type", f"{name} must be a UUID string")
     try:
-        return _UUID(value)  # type: ignore[no-any-return]
+        return _UUID(value)
     except ValueError:
         raise InvalidEventError("bad_value", f"{name} {value!r} is not a UUID") from None
 

@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol, TypeVar
 
 import asyncpg
@@ -230,7 +231,9 @@ class UsagePipeline:
         s.duplicates += result.duplicates
         s.last_batch_at = time.time()
         s.last_batch_seconds = time.perf_counter() - started
-        return BatchResult(len(records), result.inserted, result.duplicates, len(letters), result.totals)
+        return BatchResult(
+            len(records), result.inserted, result.duplicates, len(letters), result.totals
+        )
 
     async def _write(
         self, slot: _Connection, events: list[UsageEvent], sources: dict[int, RawRecord]
@@ -250,7 +253,7 @@ class UsagePipeline:
         inserted, totals, letters = 0, {}, []
         for e in events:
             try:
-                one = await self._retry("PostgreSQL write", lambda e=e: write([e]), slot.drop)
+                one = await self._retry("PostgreSQL write", partial(write, [e]), slot.drop)
             except asyncpg.PostgresError as exc:
                 letters.append(
                     DeadLetter(sources[id(e)], "rejected_by_database", f"{exc.sqlstate}: {exc}")

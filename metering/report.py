@@ -52,8 +52,16 @@ async def daily_usage(
         cached = await counters.get(r["user_id"], r["date"]) if counters else None
         out.append(
             UsageRow(
-                r["date"], r["user_id"], r["email"], r["tier"], r["request_count"], r["units"],
-                r["client_error_count"], r["server_error_count"], r["avg_ms"], r["daily_quota"],
+                r["date"],
+                r["user_id"],
+                r["email"],
+                r["tier"],
+                r["request_count"],
+                r["units"],
+                r["client_error_count"],
+                r["server_error_count"],
+                r["avg_ms"],
+                r["daily_quota"],
                 cached.requests if cached else None,
             )
         )

@@ -39,6 +39,7 @@ class Settings:
     reconcile_interval_s: float = 30.0  # partitions ahead + Redis rebuild check
     web_enabled: bool = True
     web_port: int = 6066
+    web_bind: str = "127.0.0.1"
     redis_key_prefix: str = "metering"
 
     # event policy

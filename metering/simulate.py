@@ -96,10 +96,16 @@ def make_event(rng: random.Random, user: SimUser | None, now: datetime) -> Usage
     latency = round(rng.lognormvariate(0, 0.6) * typical, 3)
     if user is None:
         return UsageEvent.new(
-            user_id=None, api_key_id=None, endpoint=endpoint, method=method,
-            status_code=401 if rng.random() < 0.3 else status, response_time_ms=latency,
-            client_ip=f"198.51.100.{rng.randint(1, 254)}", bytes_out=rng.randint(50, 400),
-            units=0, occurred_at=now,
+            user_id=None,
+            api_key_id=None,
+            endpoint=endpoint,
+            method=method,
+            status_code=401 if rng.random() < 0.3 else status,
+            response_time_ms=latency,
+            client_ip=f"198.51.100.{rng.randint(1, 254)}",
+            bytes_out=rng.randint(50, 400),
+            units=0,
+            occurred_at=now,
         )
     return UsageEvent.new(
         user_id=user.id,

@@ -80,7 +80,7 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def _run(cmd: list[str], *, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
+        return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
     except subprocess.CalledProcessError as exc:
         raise StackError(
             f"{' '.join(cmd)} failed ({exc.returncode}): {(exc.stderr or exc.stdout).strip()[-2000:]}"
@@ -97,8 +97,11 @@ def _wait(what: str, check: object, timeout: float, log_file: Path | None = None
         time.sleep(0.3)
     tail = ""
     if log_file is not None and log_file.exists():
-        tail = "\n--- last lines of " + str(log_file) + " ---\n" + "\n".join(
-            log_file.read_text(errors="replace").splitlines()[-40:]
+        tail = (
+            "\n--- last lines of "
+            + str(log_file)
+            + " ---\n"
+            + "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
         )
     raise StackError(f"{what} did not become ready within {timeout:.0f}s{tail}")
 
@@ -133,14 +136,22 @@ def redis_up(ep: Endpoints) -> None:
     _run(
         [
             "redis-server",
-            "--bind", ep.redis_host,
-            "--port", str(ep.redis_port),
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "yes",
-            "--pidfile", str(STATE / "redis.pid"),
-            "--logfile", str(STATE / "redis.log"),
-            "--dir", str(STATE),
+            "--bind",
+            ep.redis_host,
+            "--port",
+            str(ep.redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(STATE / "redis.pid"),
+            "--logfile",
+            str(STATE / "redis.log"),
+            "--dir",
+            str(STATE),
         ]
     )
     _wait("redis", lambda: port_open(ep.redis_host, ep.redis_port), 20, STATE / "redis.log")
@@ -155,8 +166,10 @@ def redis_down(ep: Endpoints) -> None:
 
 def _pg_bin() -> tuple[str, Path]:
     base = Path("/usr/lib/postgresql")
-    versions = sorted((p for p in base.glob("*") if (p / "bin" / "postgres").exists()),
-                      key=lambda p: int(p.name) if p.name.isdigit() else 0)
+    versions = sorted(
+        (p for p in base.glob("*") if (p / "bin" / "postgres").exists()),
+        key=lambda p: int(p.name) if p.name.isdigit() else 0,
+    )
     if not versions:
         raise StackError("PostgreSQL binaries not found under /usr/lib/postgresql")
     return versions[-1].name, versions[-1] / "bin"
@@ -168,14 +181,34 @@ def _clusters() -> list[dict[str, str]]:
     for line in out.splitlines():
         parts = line.split()
         if len(parts) >= 4:
-            rows.append({"version": parts[0], "name": parts[1], "port": parts[2], "status": parts[3]})
+            rows.append(
+                {"version": parts[0], "name": parts[1], "port": parts[2], "status": parts[3]}
+            )
     return rows
 
 
 def _as_postgres(sql: str, ep: Endpoints, db: str = "postgres") -> str:
     return _run(
-        ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-At", "-p", str(ep.pg_port),
-         "-h", "/var/run/postgresql", "-d", db, "-v", "ON_ERROR_STOP=1", "-c", sql]
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-X",
+            "-q",
+            "-At",
+            "-p",
+            str(ep.pg_port),
+            "-h",
+            "/var/run/postgresql",
+            "-d",
+            db,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ]
     ).stdout.strip()
 
 
@@ -202,9 +235,25 @@ def postgres_up(ep: Endpoints) -> None:
 def _can_login(ep: Endpoints) -> bool:
     env = {**os.environ, "PGPASSWORD": ep.pg_password, "PGCONNECT_TIMEOUT": "5"}
     r = subprocess.run(
-        ["psql", "-X", "-At", "-h", ep.pg_host, "-p", str(ep.pg_port), "-U", ep.pg_user,
-         "-d", ep.pg_database, "-c", "SELECT 1"],
-        env=env, capture_output=True, text=True, check=False,
+        [
+            "psql",
+            "-X",
+            "-At",
+            "-h",
+            ep.pg_host,
+            "-p",
+            str(ep.pg_port),
+            "-U",
+            ep.pg_user,
+            "-d",
+            ep.pg_database,
+            "-c",
+            "SELECT 1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     return r.returncode == 0
 
@@ -254,8 +303,18 @@ def _kafka_jars() -> None:
     if LIBS.exists():
         shutil.rmtree(LIBS)
     LIBS.mkdir(parents=True)
-    _run(["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-          f"-DoutputDirectory={LIBS}", "-DincludeScope=runtime"])
+    _run(
+        [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={LIBS}",
+            "-DincludeScope=runtime",
+        ]
+    )
     marker.write_text(pom.read_text())
 
 
@@ -287,20 +346,44 @@ def kafka_up(ep: Endpoints) -> None:
         cp = str(LIBS / "*")
         data = KAFKA_DIR / "data"
         if not (data / "meta.properties").exists():
-            cluster_id = _run([java, "-cp", cp, "kafka.tools.StorageTool", "random-uuid"]).stdout.strip()
+            cluster_id = _run(
+                [java, "-cp", cp, "kafka.tools.StorageTool", "random-uuid"]
+            ).stdout.strip()
             _log(f"kafka: formatting storage (cluster {cluster_id})")
-            _run([java, "-cp", cp, "kafka.tools.StorageTool", "format", "--standalone",
-                  "-t", cluster_id, "-c", str(config)])
+            _run(
+                [
+                    java,
+                    "-cp",
+                    cp,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(config),
+                ]
+            )
         log_file = KAFKA_DIR / "kafka.log"
         _log(f"kafka: starting broker on {ep.kafka_host}:{ep.kafka_port}")
         with log_file.open("ab") as out:
             proc = subprocess.Popen(
-                [java, *KAFKA_HEAP.split(), "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-                 "-Djava.awt.headless=true",
-                 f"-Dlog4j2.configurationFile={STACK_FILES / 'log4j2.properties'}",
-                 f"-Dkafka.logs.dir={KAFKA_DIR}",
-                 "-cp", cp, "kafka.Kafka", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    java,
+                    *KAFKA_HEAP.split(),
+                    "-XX:+UseG1GC",
+                    "-XX:MaxGCPauseMillis=20",
+                    "-Djava.awt.headless=true",
+                    f"-Dlog4j2.configurationFile={STACK_FILES / 'log4j2.properties'}",
+                    f"-Dkafka.logs.dir={KAFKA_DIR}",
+                    "-cp",
+                    cp,
+                    "kafka.Kafka",
+                    str(config),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         (KAFKA_DIR / "kafka.pid").write_text(str(proc.pid))
@@ -323,8 +406,9 @@ def _kafka_client_ready(ep: Endpoints, timeout: float = 60) -> None:
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
     async def probe() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=f"{ep.kafka_host}:{ep.kafka_port}",
-                                    request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=f"{ep.kafka_host}:{ep.kafka_port}", request_timeout_ms=5000
+        )
         await admin.start()
         try:
             try:

@@ -14,21 +14,23 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
     return [
         NewTopic(settings.events_topic, settings.events_partitions, rf),
         # The DLQ keeps records for 30 days so an operator can inspect and replay.
-        NewTopic(
-            settings.dlq_topic, 1, rf, topic_configs={"retention.ms": str(30 * 86_400_000)}
-        ),
+        NewTopic(settings.dlq_topic, 1, rf, topic_configs={"retention.ms": str(30 * 86_400_000)}),
         NewTopic(settings.alerts_topic, 1, rf),
     ]
 
 
 async def ensure_topics(settings: Settings, specs: list[NewTopic] | None = None) -> list[str]:
     """Create missing topics; return the names created by this call."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000
+    )
     try:
         await admin.start()
     except KafkaError as exc:
         await admin.close()
-        raise ServiceUnavailable(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
+        raise ServiceUnavailable(
+            f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}"
+        ) from exc
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in (specs or topic_specs(settings)) if t.name not in existing]

@@ -25,7 +25,7 @@ app = faust.App(
     broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
     web_enabled=settings.web_enabled,
     web_port=settings.web_port,
-    web_bind="127.0.0.1",
+    web_bind=settings.web_bind,
 )
 
 # Registers topics, agents, timers and pages on import.

@@ -27,7 +27,9 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     """Open one connection with UTC session time zone; translate failures."""
     try:
         conn = await asyncpg.connect(
-            dsn, timeout=timeout, server_settings={"timezone": "UTC", "application_name": "metering"}
+            dsn,
+            timeout=timeout,
+            server_settings={"timezone": "UTC", "application_name": "metering"},
         )
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise ServiceUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc

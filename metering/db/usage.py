@@ -158,7 +158,11 @@ class UsageWriter:
         totals = [
             DailyTotal(u, d, r, n, x)
             for u, d, r, n, x in zip(
-                row["user_ids"], row["dates"], row["requests"], row["units"], row["errors"],
+                row["user_ids"],
+                row["dates"],
+                row["requests"],
+                row["units"],
+                row["errors"],
                 strict=True,
             )
         ]
@@ -169,5 +173,7 @@ class UsageWriter:
         for month, ts in months.items():
             if month in self._known_months:
                 continue
-            await self._conn.execute("SELECT ensure_usage_logs_partition($1)", month_partition(ts).start)
+            await self._conn.execute(
+                "SELECT ensure_usage_logs_partition($1)", month_partition(ts).start
+            )
             self._known_months.add(month)

@@ -82,7 +82,7 @@ pipeline = UsagePipeline(
 )
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, owner: UsageConsumer) -> None:
         self._owner = owner
 
@@ -155,8 +155,13 @@ class UsageConsumer(mode.Service):
                 for m in msgs:
                     records.append(
                         RawRecord(
-                            value=m.value, key=m.key, topic=m.topic, partition=m.partition,
-                            offset=m.offset, timestamp_ms=m.timestamp, headers=list(m.headers),
+                            value=m.value,
+                            key=m.key,
+                            topic=m.topic,
+                            partition=m.partition,
+                            offset=m.offset,
+                            timestamp_ms=m.timestamp,
+                            headers=list(m.headers),
                         )
                     )
                 offsets[tp] = msgs[-1].offset + 1

@@ -32,7 +32,10 @@ class Metrics(View):
             "# TYPE metering_events_duplicate_total counter",
             f"metering_events_duplicate_total {s.duplicates}",
             "# TYPE metering_dead_letters_total counter",
-            *(f'metering_dead_letters_total{{reason="{r}"}} {n}' for r, n in s.dead_letters.items()),
+            *(
+                f'metering_dead_letters_total{{reason="{r}"}} {n}'
+                for r, n in s.dead_letters.items()
+            ),
             "# TYPE metering_db_retries_total counter",
             f"metering_db_retries_total {s.db_retries}",
             "# TYPE metering_redis_failures_total counter",

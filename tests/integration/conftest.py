@@ -154,8 +154,12 @@ class WorkerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "metering.cli", "worker", "-l", "info"],
-                env=self._env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.log_path.parent,  # faust's data dir goes there
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.log_path.parent,  # faust's data dir goes there
             )
         return self
 
@@ -178,9 +182,7 @@ class WorkerProcess:
     def assert_running(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(
-                f"worker exited with {self.proc.returncode}:\n{self.log_tail()}"
-            )
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path.exists():

@@ -38,21 +38,35 @@ async def test_migrations_build_the_schema_and_rerun_as_noop(empty_db):
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
         }
-        assert {"access_tiers", "users", "api_keys", "usage_logs", "daily_usage",
-                "schema_migrations"} <= tables
+        assert {
+            "access_tiers",
+            "users",
+            "api_keys",
+            "usage_logs",
+            "daily_usage",
+            "schema_migrations",
+        } <= tables
         tiers = await conn.fetch(
             "SELECT name, daily_quota, rate_limit_per_minute FROM access_tiers ORDER BY id"
         )
         assert [tuple(r) for r in tiers] == [
-            ("free", 1000, 10), ("pro", 100000, 100), ("enterprise", None, 1000)
+            ("free", 1000, 10),
+            ("pro", 100000, 100),
+            ("enterprise", None, 1000),
         ]
         indexes = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
-        assert {"daily_usage_pkey", "usage_logs_user_id_created_at_idx",
-                "api_keys_key_hash_key"} <= indexes
+        assert {
+            "daily_usage_pkey",
+            "usage_logs_user_id_created_at_idx",
+            "api_keys_key_hash_key",
+        } <= indexes
         # usage_logs is partitioned by month, with the current month present
-        assert await conn.fetchval(
-            "SELECT partstrat::text FROM pg_partitioned_table WHERE partrelid = 'usage_logs'::regclass"
-        ) == "r"
+        assert (
+            await conn.fetchval(
+                "SELECT partstrat::text FROM pg_partitioned_table WHERE partrelid = 'usage_logs'::regclass"
+            )
+            == "r"
+        )
         now = datetime.now(UTC)
         assert await conn.fetchval("SELECT to_regclass($1)", month_partition(now).name)
         ahead = month_partition(month_partition(now).end + timedelta(days=40))
@@ -114,7 +128,9 @@ async def test_seed_functions_and_partition_maintenance(db):
         await db.execute(
             "INSERT INTO usage_logs (event_id, created_at, user_id, endpoint, method, status_code,"
             " response_time_ms, client_ip) VALUES ($1, $2, $3, '/x', 'GET', 200, 1, '127.0.0.1')",
-            uuid.uuid4(), now - timedelta(seconds=seconds), user,
+            uuid.uuid4(),
+            now - timedelta(seconds=seconds),
+            user,
         )
     assert await db.fetchval("SELECT get_rate_limit($1, 1)", user) == 2
     assert await db.fetchval("SELECT get_rate_limit($1, 60)", user) == 3

@@ -25,15 +25,24 @@ class CollectedLetters:
 
 def event(user: uuid.UUID | None, at: datetime, **kw: object) -> UsageEvent:
     fields: dict[str, object] = dict(
-        user_id=user, api_key_id=None, endpoint="/v1/search", method="GET", status_code=200,
-        response_time_ms=10.0, client_ip="203.0.113.9", units=1, occurred_at=at,
+        user_id=user,
+        api_key_id=None,
+        endpoint="/v1/search",
+        method="GET",
+        status_code=200,
+        response_time_ms=10.0,
+        client_ip="203.0.113.9",
+        units=1,
+        occurred_at=at,
     )
     fields.update(kw)
     return UsageEvent.new(**fields)  # type: ignore[arg-type]
 
 
 def raw(events: Sequence[UsageEvent]) -> list[RawRecord]:
-    return [RawRecord(value=e.to_json(), topic="t", partition=0, offset=i) for i, e in enumerate(events)]
+    return [
+        RawRecord(value=e.to_json(), topic="t", partition=0, offset=i) for i, e in enumerate(events)
+    ]
 
 
 @pytest.fixture
@@ -50,7 +59,9 @@ async def pipeline(database_url, redis_client, redis_prefix):
         yield p
 
 
-async def test_duplicates_in_a_batch_and_replays_count_once(pipeline, db, redis_client, redis_prefix):
+async def test_duplicates_in_a_batch_and_replays_count_once(
+    pipeline, db, redis_client, redis_prefix
+):
     user = uuid.uuid4()
     now = datetime.now(UTC)
     events = [event(user, now - timedelta(seconds=i)) for i in range(50)]
@@ -71,7 +82,9 @@ async def test_duplicates_in_a_batch_and_replays_count_once(pipeline, db, redis_
     assert total == 50
 
 
-async def test_year_boundary_buckets_and_partitions_created_on_demand(database_url, db, redis_client, redis_prefix):
+async def test_year_boundary_buckets_and_partitions_created_on_demand(
+    database_url, db, redis_client, redis_prefix
+):
     # A fixed clock just after New Year 2028: no partition exists for these months yet.
     policy = TimePolicy(now=datetime(2028, 1, 1, 0, 1, tzinfo=UTC))
     p = UsagePipeline(
@@ -89,29 +102,37 @@ async def test_year_boundary_buckets_and_partitions_created_on_demand(database_u
         "SELECT tableoid::regclass::text AS part, count(*) FROM usage_logs GROUP BY 1 ORDER BY 1"
     )
     assert [(r["part"], r["count"]) for r in rows] == [
-        ("usage_logs_y2027m12", 2), ("usage_logs_y2028m01", 1)
+        ("usage_logs_y2027m12", 2),
+        ("usage_logs_y2028m01", 1),
     ]
     days = await db.fetch("SELECT date, request_count FROM daily_usage ORDER BY date")
     assert [(str(r["date"]), r["request_count"]) for r in days] == [
-        ("2027-12-31", 2), ("2028-01-01", 1)
+        ("2027-12-31", 2),
+        ("2028-01-01", 1),
     ]
     # the SQL naming function agrees with the Python one
-    assert await db.fetchval("SELECT usage_logs_partition_name($1)", last_ms) == "usage_logs_y2027m12"
+    assert (
+        await db.fetchval("SELECT usage_logs_partition_name($1)", last_ms) == "usage_logs_y2027m12"
+    )
 
 
 async def test_invalid_records_become_dead_letters_and_the_rest_lands(pipeline, db):
     user = uuid.uuid4()
     good = event(user, datetime.now(UTC))
     records = [
-        RawRecord(value=b"nope", topic="t", partition=2, offset=41, key=b"k",
-                  headers=[("trace", b"abc")]),
+        RawRecord(
+            value=b"nope", topic="t", partition=2, offset=41, key=b"k", headers=[("trace", b"abc")]
+        ),
         RawRecord(value=good.to_json(), topic="t", partition=2, offset=42),
         RawRecord(value=None, topic="t", partition=2, offset=43),
     ]
     result = await pipeline.process(records)
     assert (result.inserted, result.dead_letters) == (1, 2)
     letters = pipeline.letters.letters
-    assert [(dl.record.offset, dl.reason) for dl in letters] == [(41, "invalid_json"), (43, "empty_record")]
+    assert [(dl.record.offset, dl.reason) for dl in letters] == [
+        (41, "invalid_json"),
+        (43, "empty_record"),
+    ]
     headers = dict(letters[0].headers())
     assert headers["trace"] == b"abc"  # the original headers are kept
     assert headers["x-dlq-reason"] == b"invalid_json"
@@ -122,7 +143,9 @@ async def test_invalid_records_become_dead_letters_and_the_rest_lands(pipeline, 
 
 async def test_an_event_the_database_refuses_is_isolated(pipeline, db):
     # A constraint the contract does not know about stands in for any data error.
-    await db.execute("ALTER TABLE usage_logs ADD CONSTRAINT no_teapots CHECK (endpoint <> '/teapot')")
+    await db.execute(
+        "ALTER TABLE usage_logs ADD CONSTRAINT no_teapots CHECK (endpoint <> '/teapot')"
+    )
     user = uuid.uuid4()
     now = datetime.now(UTC)
     events = [event(user, now), event(user, now, endpoint="/teapot"), event(user, now)]
@@ -151,7 +174,9 @@ async def test_lost_database_connection_is_retried_without_loss(pipeline, db):
     assert await db.fetchval("SELECT request_count FROM daily_usage") == 3
 
 
-async def test_redis_outage_does_not_stop_the_pipeline_and_is_repaired(database_url, db, redis_client, redis_prefix):
+async def test_redis_outage_does_not_stop_the_pipeline_and_is_repaired(
+    database_url, db, redis_client, redis_prefix
+):
     dead_redis = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     user = uuid.uuid4()
     now = datetime.now(UTC)

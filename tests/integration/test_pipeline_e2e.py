@@ -58,17 +58,30 @@ def make_events(rng: random.Random, n: int, now: datetime) -> list[UsageEvent]:
 
 def bad_records(now: datetime) -> list[tuple[bytes | None, str]]:
     good = UsageEvent.new(
-        user_id=USERS[0], api_key_id=None, endpoint="/v1/x", method="GET", status_code=200,
-        response_time_ms=1, client_ip="203.0.113.1",
+        user_id=USERS[0],
+        api_key_id=None,
+        endpoint="/v1/x",
+        method="GET",
+        status_code=200,
+        response_time_ms=1,
+        client_ip="203.0.113.1",
     ).to_dict()
     return [
         (b"{definitely not json", "invalid_json"),
         (orjson.dumps({k: v for k, v in good.items() if k != "endpoint"}), "missing_field"),
         (orjson.dumps({**good, "status_code": 700, "event_id": str(uuid.uuid4())}), "bad_value"),
-        (orjson.dumps({**good, "response_time_ms": -5, "event_id": str(uuid.uuid4())}), "bad_value"),
         (
-            orjson.dumps({**good, "event_id": str(uuid.uuid4()),
-                          "occurred_at": (now + timedelta(hours=2)).isoformat()}),
+            orjson.dumps({**good, "response_time_ms": -5, "event_id": str(uuid.uuid4())}),
+            "bad_value",
+        ),
+        (
+            orjson.dumps(
+                {
+                    **good,
+                    "event_id": str(uuid.uuid4()),
+                    "occurred_at": (now + timedelta(hours=2)).isoformat(),
+                }
+            ),
             "future_timestamp",
         ),
         (orjson.dumps({**good, "event_id": str(uuid.uuid4()), "pad": "x" * 17_000}), "too_large"),
@@ -100,7 +113,9 @@ async def rewind_group(s) -> None:
     await eventually(rewound, timeout=30, what="the consumer group to be rewound", interval=1)
 
 
-def expected_daily(events: list[UsageEvent]) -> dict[tuple[uuid.UUID, object], tuple[int, int, int]]:
+def expected_daily(
+    events: list[UsageEvent],
+) -> dict[tuple[uuid.UUID, object], tuple[int, int, int]]:
     req: Counter[tuple[uuid.UUID, object]] = Counter()
     units: Counter[tuple[uuid.UUID, object]] = Counter()
     errors: Counter[tuple[uuid.UUID, object]] = Counter()
@@ -217,12 +232,16 @@ async def test_exactly_once_across_duplicates_crash_and_redelivery(
     # DLQ: every bad record, untouched, with its reason (the crash may have
     # sent some twice: dead letters are at-least-once).
     consumer = AIOKafkaConsumer(
-        s.dlq_topic, bootstrap_servers=s.kafka_bootstrap, auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None,
+        s.dlq_topic,
+        bootstrap_servers=s.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
     )
     await consumer.start()
     seen: dict[bytes | None, str] = {}
     try:
+
         async def dlq_complete() -> bool:
             batch = await consumer.getmany(timeout_ms=500)
             for msgs in batch.values():
@@ -237,7 +256,7 @@ async def test_exactly_once_across_duplicates_crash_and_redelivery(
     finally:
         await consumer.stop()
     assert seen == {raw: reason for raw, reason in bad}
-    assert m["metering_dead_letters_total{reason=\"invalid_json\"}"] >= 1
+    assert m['metering_dead_letters_total{reason="invalid_json"}'] >= 1
 
 
 async def test_graceful_restart_commits_and_redelivers_nothing(kafka_settings, db, worker_factory):

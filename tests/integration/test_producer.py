@@ -14,8 +14,13 @@ from tests.integration.conftest import eventually
 
 def an_event(user: uuid.UUID | None = None) -> UsageEvent:
     return UsageEvent.new(
-        user_id=user or uuid.uuid4(), api_key_id=None, endpoint="/v1/p", method="GET",
-        status_code=200, response_time_ms=1.0, client_ip="192.0.2.1",
+        user_id=user or uuid.uuid4(),
+        api_key_id=None,
+        endpoint="/v1/p",
+        method="GET",
+        status_code=200,
+        response_time_ms=1.0,
+        client_ip="192.0.2.1",
         occurred_at=datetime.now(UTC),
     )
 
@@ -32,13 +37,17 @@ async def test_events_are_keyed_by_user_and_flushed_on_stop(kafka_settings):
     assert producer.stats.sent == 300 and producer.stats.dropped == 0
 
     consumer = AIOKafkaConsumer(
-        s.events_topic, bootstrap_servers=s.kafka_bootstrap, auto_offset_reset="earliest",
-        group_id=None, enable_auto_commit=False,
+        s.events_topic,
+        bootstrap_servers=s.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+        enable_auto_commit=False,
     )
     await consumer.start()
     got = []
     partitions_by_user: dict[bytes, set[int]] = {}
     try:
+
         async def all_read() -> bool:
             for msgs in (await consumer.getmany(timeout_ms=500)).values():
                 for m in msgs:

@@ -153,14 +153,25 @@ def test_time_policy_future_and_late():
 
 def test_new_builds_a_valid_event_and_refuses_naive_times():
     event = UsageEvent.new(
-        user_id=uuid.uuid4(), api_key_id=None, endpoint="/v1/x", method="POST",
-        status_code=201, response_time_ms=3, client_ip="::1",
+        user_id=uuid.uuid4(),
+        api_key_id=None,
+        endpoint="/v1/x",
+        method="POST",
+        status_code=201,
+        response_time_ms=3,
+        client_ip="::1",
     )
     assert validate(orjson.loads(event.to_json())) == event
     with pytest.raises(ValueError):
         UsageEvent.new(
-            user_id=None, api_key_id=None, endpoint="/v1/x", method="GET", status_code=200,
-            response_time_ms=1, client_ip="::1", occurred_at=datetime(2026, 1, 1),
+            user_id=None,
+            api_key_id=None,
+            endpoint="/v1/x",
+            method="GET",
+            status_code=200,
+            response_time_ms=1,
+            client_ip="::1",
+            occurred_at=datetime(2026, 1, 1),
         )
 
 

@@ -54,7 +54,9 @@ def test_bad_environment_is_one_line_exit_1():
     proc = subprocess.run(
         [sys.executable, "-m", "metering.cli", "usage"],
         env={"METERING_REDIS_URL": "http://nope", "PATH": ""},
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0
