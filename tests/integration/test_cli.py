@@ -19,7 +19,11 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         env[f"METERING_{field.upper()}"] = str(getattr(settings, field))
     return subprocess.run(
         [sys.executable, "-m", "metering.cli", *args],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -35,7 +39,8 @@ async def test_migrate_is_idempotent_and_usage_prints_the_table(kafka_settings, 
     today = datetime.now(UTC).date()
     await db.execute(
         "INSERT INTO daily_usage (user_id, date, request_count, units) VALUES ($1, $2, 250, 300)",
-        user, today,
+        user,
+        today,
     )
     out = run_cli(s, "usage", "--days", "1")
     assert out.returncode == 0, out.stderr
