@@ -175,6 +175,10 @@ def _pg_bin() -> tuple[str, Path]:
     return versions[-1].name, versions[-1] / "bin"
 
 
+def _pg_server_installed() -> bool:
+    return any(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+
+
 def _clusters() -> list[dict[str, str]]:
     out = _run(["pg_lsclusters", "--no-header"]).stdout
     rows = []
@@ -216,7 +220,7 @@ def postgres_up(ep: Endpoints) -> None:
     if port_open(ep.pg_host, ep.pg_port):
         _log(f"postgres: server on {ep.pg_host}:{ep.pg_port} is up")
     else:
-        if shutil.which("pg_lsclusters") is None or not Path("/usr/lib/postgresql").exists():
+        if shutil.which("pg_lsclusters") is None or not _pg_server_installed():
             _apt_install("postgresql")
         version, _ = _pg_bin()
         cluster = next((c for c in _clusters() if int(c["port"]) == ep.pg_port), None)
