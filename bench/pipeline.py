@@ -41,6 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from metering.db.migrate import migrate
+from metering.db.usage import to_row
 from metering.events import decode
 from metering.settings import Settings
 from metering.simulate import SimUser, make_event
@@ -201,21 +202,7 @@ async def naive(s: Settings, limit: int) -> tuple[int, float]:
                     if first is None:
                         first = time.perf_counter()
                     e = decode(msg.value)
-                    await conn.execute(
-                        NAIVE_INSERT,
-                        e.event_id,
-                        e.occurred_at,
-                        e.user_id,
-                        e.api_key_id,
-                        e.endpoint,
-                        e.method,
-                        e.status_code,
-                        e.response_time_ms,
-                        e.client_ip,
-                        e.bytes_out,
-                        e.units,
-                        e.schema_version,
-                    )
+                    await conn.execute(NAIVE_INSERT, *to_row(e))
                     if e.user_id is not None:
                         day = e.occurred_at.date()
                         await conn.execute(NAIVE_UPSERT, e.user_id, day)
