@@ -17,6 +17,11 @@ def is_connection_error(exc: BaseException) -> bool:
     """True when the failure is about the server or the link, not the data."""
     if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)):
         return True
+    if isinstance(exc, asyncpg.InternalClientError):
+        # The client lost track of the protocol, e.g. after the server killed
+        # the backend mid-statement: the connection is unusable, the server
+        # rolled back its transaction; a new connection can retry safely.
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
         return state in _RETRIABLE_SQLSTATES or state.startswith(_RETRIABLE_SQLSTATE_CLASSES)
