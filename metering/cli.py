@@ -13,10 +13,12 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any, NoReturn
 
-from metering.errors import MeteringError
+from metering.errors import InputError, MeteringError
 from metering.settings import Settings
 
 EXIT_USAGE = 2
@@ -52,6 +54,40 @@ _positive_int = _number(int, 1)
 _non_negative_int = _number(int, 0)
 _positive_float = _number(float, 0, above=True)
 _ratio = _number(float, 0, 1)
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> timedelta:
+    unit = text[-1:].lower()
+    try:
+        amount = float(text[:-1]) if unit in _UNITS else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 90m") from None
+    if amount < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return timedelta(seconds=amount * _UNITS.get(unit, 1))
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        ts = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from None
+    if ts.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. 2027-01-01T00:00Z")
+    return ts
 
 
 def _uuid(text: str) -> uuid.UUID:
@@ -110,6 +146,65 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--user", type=_uuid, help="only this user id")
     usage.add_argument("--days", type=_positive_int, default=7, help="days back, UTC (default 7)")
 
+    tiers = sub.add_parser("tiers", help="access tiers")
+    tsub = tiers.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tsub.add_parser("list", help="list tiers")
+    tc = tsub.add_parser("create", help="create a tier")
+    tc.add_argument("name")
+    tc.add_argument("--rate-limit", type=_positive_int, required=True, help="requests per minute")
+    tc.add_argument(
+        "--daily-quota", type=_positive_int, help="requests per UTC day (omit: unlimited)"
+    )
+    tc.add_argument("--price", type=_decimal, default=Decimal(0), help="monthly base price")
+    tc.add_argument("--shadow", action="store_true", help="compute limits but do not enforce them")
+    tm = tsub.add_parser("set-mode", help="enforce or shadow the tier's limits")
+    tm.add_argument("name")
+    tm.add_argument("mode", choices=["enforce", "shadow"])
+
+    users = sub.add_parser("users", help="users (key owners)")
+    usub = users.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    uc = usub.add_parser("create", help="create a user")
+    uc.add_argument("email")
+    uc.add_argument("--tier", default="free")
+    uc.add_argument("--name")
+    usub.add_parser("list", help="list users")
+    ut = usub.add_parser("set-tier", help="move a user to another tier")
+    ut.add_argument("user", help="user id or email")
+    ut.add_argument("tier")
+    for verb, text in (
+        ("suspend", "suspend a user: all their keys stop working"),
+        ("activate", "re-activate a suspended user"),
+    ):
+        usub.add_parser(verb, help=text).add_argument("user", help="user id or email")
+
+    keys_p = sub.add_parser("keys", help="API keys")
+    ksub = keys_p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    kc = ksub.add_parser("create", help="create a key (printed once)")
+    kc.add_argument("user", help="user id or email")
+    kc.add_argument("--name")
+    kc.add_argument("--scope", action="append", default=[], help="repeatable, e.g. items:read")
+    expiry = kc.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", type=_duration, help="TTL, e.g. 30d, 12h, 90m")
+    expiry.add_argument("--expires-at", type=_timestamp, help="RFC 3339 time")
+    kc.add_argument(
+        "--allow-ip", action="append", help="CIDR the key may be used from (repeatable)"
+    )
+    kc.add_argument("--env", choices=["live", "test"], default="live")
+    kc.add_argument("--shadow", action="store_true", help="shadow mode for this key's limits")
+    kl = ksub.add_parser("list", help="list keys (never the key itself)")
+    kl.add_argument("--user", help="user id or email")
+    kl.add_argument("--all", action="store_true", help="include deleted keys")
+    kr = ksub.add_parser(
+        "rotate", help="new key, same metadata; the old one works for a grace period"
+    )
+    kr.add_argument("key", help="key prefix (mk_live_xxxxxxxx) or id")
+    kr.add_argument("--grace", type=_duration, help="default 24h (METERING_ROTATION_GRACE_HOURS)")
+    kv = ksub.add_parser("revoke", help="revoke a key now")
+    kv.add_argument("key", help="key prefix or id")
+    kv.add_argument("--reason", required=True)
+    kd = ksub.add_parser("delete", help="soft-delete a key")
+    kd.add_argument("key", help="key prefix or id")
+
     counters = sub.add_parser("counters", help="Redis usage counters")
     counters.add_argument(
         "action",
@@ -130,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"metering: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE if isinstance(exc, InputError) else 1
     except KeyboardInterrupt:
         return 130
 
@@ -343,7 +438,229 @@ def cmd_counters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _with_db(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    from metering.db import connect
+
+    async def go() -> Any:
+        conn = await connect(settings.database_url)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def _refresh(settings: Settings, hashes: list[str]) -> None:
+    """Push a key change to every edge now (they would otherwise wait for the cache TTL)."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from metering.edge import refresh
+
+    async def go(conn: Any) -> None:
+        client = aioredis.from_url(settings.redis_url, socket_timeout=5)
+        try:
+            await refresh(
+                client,
+                conn,
+                hashes,
+                prefix=settings.redis_key_prefix,
+                ttl_s=settings.key_cache_ttl_s,
+                negative_ttl_s=max(300, settings.key_cache_ttl_s * 2),
+            )
+        finally:
+            await client.aclose()
+
+    try:
+        _with_db(settings, go)
+    except (RedisError, OSError) as exc:
+        print(
+            f"metering: warning: Redis unreachable ({exc}); edges will notice within "
+            f"{settings.key_cache_ttl_s}s (the key cache TTL)",
+            file=sys.stderr,
+        )
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row))
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(table)
+
+
+def _when(ts: datetime | None) -> str | None:
+    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if ts else None
+
+
+def cmd_tiers(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.db import accounts
+
+    if args.action == "list":
+        tiers = _with_db(settings, accounts.list_tiers)
+        _table(
+            "tiers",
+            ["name", "per minute", "daily quota", "price/month", "limits"],
+            [
+                (
+                    t.name,
+                    t.rate_limit_per_minute,
+                    t.daily_quota or "unlimited",
+                    t.price_monthly,
+                    t.limits_mode,
+                )
+                for t in tiers
+            ],
+        )
+    elif args.action == "create":
+        tier = _with_db(
+            settings,
+            lambda c: accounts.create_tier(
+                c,
+                name=args.name,
+                daily_quota=args.daily_quota,
+                rate_limit_per_minute=args.rate_limit,
+                price_monthly=args.price,
+                limits_mode="shadow" if args.shadow else "enforce",
+            ),
+        )
+        print(f"created tier {tier.name}")
+    else:
+        _with_db(settings, lambda c: accounts.set_tier_limits_mode(c, args.name, args.mode))
+        print(f"tier {args.name}: limits {args.mode}")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.db import accounts
+
+    if args.action == "list":
+        users = _with_db(settings, accounts.list_users)
+        _table(
+            "users",
+            ["id", "email", "name", "tier", "status", "created"],
+            [(u.id, u.email, u.name, u.tier, u.status, _when(u.created_at)) for u in users],
+        )
+        return 0
+    if args.action == "create":
+        user = _with_db(
+            settings,
+            lambda c: accounts.create_user(c, email=args.email, tier=args.tier, name=args.name),
+        )
+        print(f"created user {user.id} {user.email} ({user.tier})")
+        return 0
+    if args.action == "set-tier":
+        user = _with_db(settings, lambda c: accounts.set_user_tier(c, args.user, args.tier))
+        hashes = _with_db(settings, lambda c: accounts.user_key_hashes(c, user.id))
+        _refresh(settings, hashes)  # cached identities carry the old limits
+        print(f"user {user.email} is now on tier {user.tier}")
+        return 0
+    status = "suspended" if args.action == "suspend" else "active"
+    user = _with_db(settings, lambda c: accounts.set_user_status(c, args.user, status))
+    hashes = _with_db(settings, lambda c: accounts.user_key_hashes(c, user.id))
+    _refresh(settings, hashes)
+    print(f"user {user.email} is {user.status}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.db import accounts
+
+    pepper = settings.key_pepper.encode() or None
+    if args.action == "create":
+        expires = args.expires_at or (
+            datetime.now(UTC) + args.expires_in if args.expires_in else None
+        )
+        new, info = _with_db(
+            settings,
+            lambda c: accounts.create_key(
+                c,
+                user=args.user,
+                pepper=pepper,
+                name=args.name,
+                scopes=args.scope,
+                expires_at=expires,
+                ip_allowlist=args.allow_ip,
+                environment=args.env,
+                limits_mode="shadow" if args.shadow else None,
+            ),
+        )
+        print(f"created key {info.prefix} (id {info.id}) for user {info.user_id}")
+        print(
+            f"scopes: {', '.join(info.scopes) or '(none)'}; expires: {_when(info.expires_at) or 'never'}"
+            f"; allowed from: {', '.join(info.ip_allowlist) if info.ip_allowlist else 'anywhere'}"
+        )
+        print("This is the only time the key is shown. Store it now:")
+        print(new.plaintext)
+        return 0
+    if args.action == "list":
+        rows = _with_db(
+            settings, lambda c: accounts.list_keys(c, args.user, include_deleted=args.all)
+        )
+        _table(
+            "API keys",
+            [
+                "prefix",
+                "name",
+                "status",
+                "scopes",
+                "created",
+                "last used",
+                "expires",
+                "rotates at",
+                "allowed from",
+                "limits",
+            ],
+            [
+                (
+                    k.prefix,
+                    k.name,
+                    k.status,
+                    ",".join(k.scopes) or None,
+                    _when(k.created_at),
+                    _when(k.last_used_at),
+                    _when(k.expires_at),
+                    _when(k.rotates_at),
+                    ",".join(k.ip_allowlist) if k.ip_allowlist else None,
+                    k.limits_mode or "tier",
+                )
+                for k in rows
+            ],
+        )
+        return 0
+    if args.action == "rotate":
+        grace = (
+            args.grace if args.grace is not None else timedelta(hours=settings.rotation_grace_hours)
+        )
+        new, info, old = _with_db(
+            settings, lambda c: accounts.rotate_key(c, args.key, grace=grace, pepper=pepper)
+        )
+        _refresh(settings, [old.key_hash])  # cached identity still says "active"
+        print(
+            f"rotated {old.prefix} -> {info.prefix}; the old key works until {_when(old.rotates_at)}"
+        )
+        print("This is the only time the new key is shown. Store it now:")
+        print(new.plaintext)
+        return 0
+    if args.action == "revoke":
+        key = _with_db(settings, lambda c: accounts.revoke_key(c, args.key, reason=args.reason))
+    else:
+        key = _with_db(settings, lambda c: accounts.delete_key(c, args.key))
+    _refresh(settings, [key.key_hash])
+    print(f"key {key.prefix} is {key.status}")
+    return 0
+
+
 _COMMANDS = {
+    "tiers": cmd_tiers,
+    "users": cmd_users,
+    "keys": cmd_keys,
     "stack": cmd_stack,
     "db": cmd_db,
     "topics": cmd_topics,

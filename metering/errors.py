@@ -6,6 +6,8 @@ Hierarchy::
     ├── ConfigurationError        bad METERING_* setting (not retriable)
     ├── InvalidEventError         an event breaks the v1 contract (not retriable);
     │                             carries a short machine-readable ``reason``
+    ├── InputError                a request an operator made cannot be done as asked
+    │                             (unknown user, malformed CIDR, past expiry ...)
     ├── MigrationError            a migration failed or was edited after it landed
     ├── StackError                the local stack could not be brought up
     └── ServiceUnavailable        Kafka / PostgreSQL / Redis unreachable (retriable)
@@ -37,6 +39,10 @@ class InvalidEventError(MeteringError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+class InputError(MeteringError):
+    pass
 
 
 class MigrationError(MeteringError):

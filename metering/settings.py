@@ -42,6 +42,17 @@ class Settings:
     web_bind: str = "127.0.0.1"
     redis_key_prefix: str = "metering"
 
+    # edge: keys, limits, quotas
+    key_pepper: str = ""  # HMAC pepper for key hashes; changing it invalidates every key
+    key_cache_ttl_s: int = 60  # verified identities cached in Redis
+    negative_cache_ttl_s: int = 30  # unknown keys cached in Redis
+    rotation_grace_hours: float = 24.0
+    anonymous_per_day: int = 50  # per client IP, requests without a key
+    auth_failures_per_minute: int = 5  # per client IP, then 429
+    redis_failure_mode: str = "open"  # open: allow + log + count; closed: 503
+    last_used_flush_s: float = 30.0
+    trusted_proxies: str = ""  # comma-separated CIDRs whose X-Forwarded-For is believed
+
     # event policy
     max_future_skew_s: int = 300
     retention_days: int = 90
@@ -78,6 +89,8 @@ class Settings:
             raise ConfigurationError("METERING_EVENTS_PARTITIONS must be >= 1")
         if self.retention_days < 1:
             raise ConfigurationError("METERING_RETENTION_DAYS must be >= 1")
+        if self.redis_failure_mode not in ("open", "closed"):
+            raise ConfigurationError("METERING_REDIS_FAILURE_MODE must be 'open' or 'closed'")
         if not self.database_url.startswith(("postgres://", "postgresql://")):
             raise ConfigurationError("METERING_DATABASE_URL must be a postgresql:// URL")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -1,0 +1,372 @@
+"""The request-path decision: who is calling, and may they, in one Redis round trip.
+
+:class:`EdgeGuard.check` runs ``lua/edge_check.lua`` (failed-auth throttle,
+cached identity, expiry and rotation, IP allowlist, per-key GCRA rate limit,
+daily quota) and turns its answer into a :class:`Decision`. Checks from
+concurrent requests are coalesced: every call made in the same event-loop
+tick goes to Redis in one pipeline.
+
+Steady state (identity cached) costs one round trip. A cache miss costs one
+indexed PostgreSQL lookup, a ``SET NX`` of the identity (or of a negative
+entry for unknown keys) and the script again. Revoking, deleting or
+suspending overwrites the cache entry with a negative one, so every edge
+sees it on its next request (no per-process cache).
+
+When Redis is unreachable the configured policy applies: ``open`` verifies
+the key against PostgreSQL, skips limits and quotas, logs and counts;
+``closed`` answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from metering import keys
+from metering.db import accounts
+
+log = logging.getLogger(__name__)
+
+NEGATIVE = "-"
+
+
+def ip_hex(ip: str) -> str:
+    """Client address as fixed-width hex (8 nibbles IPv4, 32 IPv6) for the script."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.packed.hex()
+
+
+def network_hex(cidr: str) -> str:
+    net = ipaddress.ip_network(cidr, strict=False)
+    return f"{net.network_address.packed.hex()}/{net.prefixlen}"
+
+
+def _allowed(client_ip: str, allowlist: Sequence[str]) -> bool:
+    try:
+        addr = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(c, strict=False) for c in allowlist)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the edge should do with a request."""
+
+    status: int | None  # None: let it through; else the HTTP status to answer with
+    reason: str  # ok | anonymous | unauthorized | forbidden_ip | rate_limited | ...
+    identity: accounts.Identity | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    shadowed: bool = False  # a limit would have rejected it, shadow mode let it through
+    degraded: bool = False  # Redis was down and the fail-open policy applied
+
+
+@dataclass(slots=True)
+class EdgeStats:
+    checks: int = 0
+    round_trips: int = 0
+    cache_misses: int = 0
+    redis_failures: int = 0
+    shadowed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class EdgeGuard:
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        pepper: bytes | None = None,
+        prefix: str = "metering",
+        key_cache_ttl_s: int = 60,
+        negative_cache_ttl_s: int = 30,
+        anonymous_per_day: int = 50,
+        auth_failures_per_minute: int = 5,
+        redis_failure_mode: str = "open",
+        last_used_flush_s: float = 30.0,
+    ) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._pepper = pepper
+        self._prefix = prefix
+        self._ttl = key_cache_ttl_s
+        self._neg_ttl = negative_cache_ttl_s
+        self._anon = anonymous_per_day
+        self._fails = auth_failures_per_minute
+        self._mode = redis_failure_mode
+        self._flush_every = last_used_flush_s
+        self._source = resources.files("metering").joinpath("lua/edge_check.lua").read_text()
+        self._sha: str | None = None
+        self._pending: list[tuple[tuple[str, ...], asyncio.Future[list[Any]]]] = []
+        self._flush_scheduled = False
+        self._last_used: dict[str, float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self.stats = EdgeStats()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            self._sha = await self._redis.script_load(self._source)
+        except (RedisError, OSError) as exc:
+            log.warning("Redis unavailable at start (%s); policy %s applies", exc, self._mode)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_last_used_forever())
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
+        await self.flush_last_used()
+
+    # -- the check -----------------------------------------------------------
+
+    async def check(self, api_key: str | None, client_ip: str) -> Decision:
+        self.stats.checks += 1
+        if api_key is None:
+            key_hash = ""
+        else:
+            try:
+                keys.parse(api_key)
+                key_hash = keys.hash_key(api_key, self._pepper)
+            except keys.MalformedKey:
+                key_hash = "!"  # counted as a failed attempt; no lookup
+        try:
+            addr = ip_hex(client_ip)
+        except ValueError:
+            addr = "00000000"
+        day = datetime.now(UTC).date().isoformat()
+        args = (self._prefix, key_hash, addr, day, str(self._anon), str(self._fails))
+        try:
+            result = await self._eval(args)
+            if result[0] == b"miss":
+                self.stats.cache_misses += 1
+                await self._fill_cache(key_hash)
+                result = await self._eval(args)
+        except (RedisError, OSError) as exc:
+            return await self._redis_down(exc, key_hash, client_ip)
+        decision = self._decide(result)
+        if decision.status is not None:
+            self.stats.rejected[decision.reason] = self.stats.rejected.get(decision.reason, 0) + 1
+        if decision.shadowed:
+            self.stats.shadowed += 1
+        if decision.identity is not None and decision.status in (None, 429):
+            self._last_used[decision.identity.key_id] = time.time()
+        return decision
+
+    async def _fill_cache(self, key_hash: str) -> None:
+        async with self._pool.acquire() as conn:
+            identity = await accounts.lookup_identity(conn, key_hash)
+        key = f"{self._prefix}:key:{key_hash}"
+        if identity is None:
+            await self._redis.set(key, NEGATIVE, nx=True, ex=self._neg_ttl)
+            return
+        # NX: a refresh by a lifecycle change that landed meanwhile wins over this fill.
+        await self._redis.set(key, cache_entry(identity), nx=True, ex=self._ttl)
+
+    def _decide(self, r: Sequence[Any]) -> Decision:
+        code = r[0].decode() if isinstance(r[0], bytes) else str(r[0])
+        identity = None
+        if r[1]:
+            data = json.loads(r[1])
+            data.pop("allow_hex", None)
+            identity = accounts.Identity(**data)
+        limit, remaining, reset_ms, retry_ms = int(r[2]), int(r[3]), int(r[4]), int(r[5])
+        used, quota = int(r[6]), int(r[7])
+        now = time.time()
+        headers: list[tuple[str, str]] = []
+        if limit:
+            headers += [
+                ("X-RateLimit-Limit", str(limit)),
+                ("X-RateLimit-Remaining", str(max(remaining, 0))),
+                ("X-RateLimit-Reset", str(int(now + reset_ms / 1000 + 0.999))),
+            ]
+        if quota >= 0:
+            headers += [
+                ("X-Quota-Limit", str(quota)),
+                ("X-Quota-Remaining", str(max(quota - used, 0))),
+            ]
+            if used >= 0.8 * quota:
+                headers.append(
+                    ("X-Quota-Warning", f"{min(100, 100 * used // quota)}% of daily quota used")
+                )
+        shadow = identity is not None and identity.limits_mode == "shadow"
+
+        if code in ("ok", "anon_ok"):
+            return Decision(None, "ok" if code == "ok" else "anonymous", identity, headers)
+        if code == "unauthorized":
+            return Decision(401, "unauthorized")
+        if code == "forbidden_ip":
+            return Decision(403, "forbidden_ip", identity)
+        if code in ("rate_limited", "quota_exceeded"):
+            if code == "quota_exceeded":
+                midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+                retry_s = int((midnight + timedelta(days=1)).timestamp() - now) + 1
+            else:
+                retry_s = max(1, int(retry_ms / 1000 + 0.999))
+            if shadow:
+                return Decision(
+                    None, code, identity, [*headers, ("X-RateLimit-Shadow", code)], shadowed=True
+                )
+            return Decision(429, code, identity, [*headers, ("Retry-After", str(retry_s))])
+        if code in ("anon_limited", "auth_throttled"):
+            retry_s = max(1, int(retry_ms / 1000 + 0.999))
+            return Decision(429, code, None, [*headers, ("Retry-After", str(retry_s))])
+        raise RuntimeError(f"unexpected edge script answer {code!r}")
+
+    async def _redis_down(self, exc: BaseException, key_hash: str, client_ip: str) -> Decision:
+        self.stats.redis_failures += 1
+        if self._mode == "closed":
+            log.error("Redis unavailable (%s): failing closed with 503", exc)
+            return Decision(503, "redis_unavailable", headers=[("Retry-After", "5")])
+        log.warning(
+            "Redis unavailable (%s): failing open (key verified in PostgreSQL, no limits)", exc
+        )
+        if key_hash == "":
+            return Decision(None, "anonymous", degraded=True)
+        if key_hash == "!":
+            return Decision(401, "unauthorized", degraded=True)
+        try:
+            async with self._pool.acquire() as conn:
+                identity = await accounts.lookup_identity(conn, key_hash)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as db_exc:
+            log.error("PostgreSQL unavailable too (%s): 503", db_exc)
+            return Decision(503, "unavailable", headers=[("Retry-After", "5")])
+        now = time.time()
+        if (
+            identity is None
+            or (identity.expires_at is not None and identity.expires_at <= now)
+            or (
+                identity.status == "rotating"
+                and identity.rotates_at is not None
+                and identity.rotates_at <= now
+            )
+        ):
+            return Decision(401, "unauthorized", degraded=True)
+        if identity.ip_allowlist and not _allowed(client_ip, identity.ip_allowlist):
+            return Decision(403, "forbidden_ip", identity, degraded=True)
+        return Decision(None, "ok", identity, degraded=True)
+
+    # -- coalescing: one pipeline per event-loop tick -------------------------
+
+    async def _eval(self, args: tuple[str, ...]) -> list[Any]:
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flush_scheduled = False
+        asyncio.get_running_loop().create_task(self._run_batch(batch))
+
+    async def _run_batch(
+        self, batch: list[tuple[tuple[str, ...], asyncio.Future[list[Any]]]]
+    ) -> None:
+        try:
+            results = await self._pipeline([a for a, _ in batch])
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), res in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(res, Exception):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    async def _pipeline(self, calls: list[tuple[str, ...]]) -> list[Any]:
+        if self._sha is None:
+            self._sha = await self._redis.script_load(self._source)
+        for attempt in (1, 2):
+            self.stats.round_trips += 1
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for args in calls:
+                    pipe.evalsha(self._sha, 0, *args)
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                self._sha = await self._redis.script_load(self._source)  # Redis restarted
+                continue
+            return list(results)
+        raise AssertionError("unreachable")
+
+    # -- last_used_at: one UPDATE every few seconds, not a write per request --
+
+    async def flush_last_used(self) -> None:
+        seen, self._last_used = self._last_used, {}
+        if not seen:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                await accounts.touch_last_used(conn, seen)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("last_used_at not updated (%s); will retry", exc)
+            for k, v in seen.items():
+                self._last_used[k] = max(v, self._last_used.get(k, 0.0))
+
+    async def _flush_last_used_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_every)
+            await self.flush_last_used()
+
+
+def cache_entry(identity: accounts.Identity) -> str:
+    """The cached form of an identity: its JSON plus the allowlist as hex networks."""
+    payload = json.loads(identity.to_json())
+    payload["allow_hex"] = (
+        [network_hex(c) for c in identity.ip_allowlist] if identity.ip_allowlist else None
+    )
+    return json.dumps(payload, separators=(",", ":"))
+
+
+async def refresh(
+    redis: aioredis.Redis,
+    conn: asyncpg.Connection,
+    key_hashes: Sequence[str],
+    *,
+    prefix: str,
+    ttl_s: int = 60,
+    negative_ttl_s: int = 300,
+) -> None:
+    """Make every edge see a key's current state on its next request.
+
+    Called after a lifecycle change (revoke, delete, rotate, suspend, tier
+    change) has committed: re-reads each key from PostgreSQL and overwrites
+    its cache entry — with a negative entry when the key no longer works.
+    Edges fill the cache with SET NX, so a fill racing with this cannot
+    bring back the old state.
+    """
+    if not key_hashes:
+        return
+    entries = []
+    for h in key_hashes:
+        identity = await accounts.lookup_identity(conn, h)
+        entries.append((h, cache_entry(identity) if identity else NEGATIVE))
+    async with redis.pipeline(transaction=False) as pipe:
+        for h, value in entries:
+            pipe.set(f"{prefix}:key:{h}", value, ex=negative_ttl_s if value == NEGATIVE else ttl_s)
+        await pipe.execute()

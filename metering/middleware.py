@@ -1,0 +1,334 @@
+"""ASGI middleware and FastAPI dependencies for edge services.
+
+::
+
+    app = FastAPI(lifespan=...)
+    app.add_middleware(MeteringMiddleware, guard=guard, producer=producer,
+                       anonymous_paths=("/public",))
+
+    @app.get("/v1/reports", dependencies=[Depends(require_scopes("reports:read"))])
+    async def reports(identity: Identity = Depends(current_identity)): ...
+
+Per request: key from ``X-API-Key`` or ``Authorization: Bearer`` (a query
+parameter only when ``allow_query_key=True``: query strings end up in
+access logs) → :meth:`EdgeGuard.check` (verification, IP allowlist, limits,
+quota, in one Redis round trip) → the app → one usage event, emitted without
+waiting, for every request including rejected ones. Successful responses
+carry ``X-RateLimit-*`` (and ``X-Quota-*``) headers; 429s add ``Retry-After``.
+Unknown, malformed, revoked, expired and past-grace keys all get the same
+401 body. The key itself is never logged or stored.
+
+Apps can weight a request for billing with ``request.state.metering_units = n``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from metering.db.accounts import Identity
+from metering.edge import Decision, EdgeGuard
+from metering.errors import InvalidEventError
+from metering.events import HTTP_METHODS, UsageEvent
+from metering.producer import UsageProducer
+
+try:  # FastAPI/Starlette are optional: only the dependencies below need them
+    from starlette.requests import Request
+except ImportError:  # pragma: no cover
+    Request = Any  # type: ignore[misc,assignment]
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATE_KEY = "metering"
+UNITS_KEY = "metering_units"
+
+_BODIES = {
+    401: {"error": "unauthorized", "message": "missing or invalid API key"},
+    403: {"error": "forbidden", "message": "this key may not be used from this address"},
+    429: {"error": "too_many_requests", "message": "rate limit exceeded"},
+    503: {"error": "unavailable", "message": "temporarily unavailable, retry later"},
+}
+_REASON_BODIES = {
+    "quota_exceeded": {"error": "quota_exceeded", "message": "daily quota exhausted"},
+    "auth_throttled": {
+        "error": "too_many_requests",
+        "message": "too many failed authentication attempts from this address",
+    },
+}
+
+
+class MeteringMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: EdgeGuard,
+        producer: UsageProducer | None = None,
+        anonymous_paths: Iterable[str] = (),
+        exempt_paths: Iterable[str] = (),
+        allow_query_key: bool = False,
+        query_param: str = "api_key",
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
+        self.app = app
+        self.guard = guard
+        self.producer = producer
+        self.anonymous_paths = tuple(anonymous_paths)
+        self.exempt_paths = tuple(exempt_paths)  # not checked, not metered (health probes)
+        self.allow_query_key = allow_query_key
+        self.query_param = query_param
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt_paths or ("\0",)):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        client_ip = self._client_ip(scope)
+        key = self._extract_key(scope)
+        if key is None and not scope["path"].startswith(self.anonymous_paths or ("\0",)):
+            decision = Decision(401, "missing_key")
+        else:
+            decision = await self.guard.check(key, client_ip)
+            if decision.status == 401:
+                log.info(
+                    "authentication failed from %s (%s)",
+                    client_ip,
+                    "no key"
+                    if key is None
+                    else f"key prefix {key[:16]!r}"
+                    if key.startswith("mk_")
+                    else "malformed key",
+                )
+
+        status = 500
+        sent = 0
+        if decision.status is not None:
+            status = decision.status
+            body = json.dumps(_REASON_BODIES.get(decision.reason, _BODIES[status])).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            if status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="api"'))
+            headers += [(k.lower().encode(), v.encode()) for k, v in decision.headers]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            sent = len(body)
+        else:
+            scope.setdefault("state", {})[STATE_KEY] = decision
+            extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers]
+
+            async def send_wrapper(message: Message) -> None:
+                nonlocal status, sent
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message["headers"] = [*message.get("headers", []), *extra]
+                elif message["type"] == "http.response.body":
+                    sent += len(message.get("body", b""))
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                self._emit(scope, decision, status, started, client_ip, sent)
+            return
+        self._emit(scope, decision, status, started, client_ip, sent)
+
+    def _extract_key(self, scope: Scope) -> str | None:
+        for name, value in scope.get("headers", []):
+            if name == b"x-api-key":
+                return value.decode("latin-1").strip() or None
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and token.strip():
+                    return token.strip()
+        if self.allow_query_key and scope.get("query_string"):
+            from urllib.parse import parse_qs
+
+            values = parse_qs(scope["query_string"].decode("latin-1")).get(self.query_param)
+            if values:
+                return values[0]
+        return None
+
+    def _client_ip(self, scope: Scope) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else "0.0.0.0"
+        if self.trusted:
+            try:
+                trusted_peer = any(ipaddress.ip_address(peer) in n for n in self.trusted)
+            except ValueError:
+                trusted_peer = False
+            if trusted_peer:
+                for name, value in scope.get("headers", []):
+                    if name == b"x-forwarded-for":
+                        first = value.decode("latin-1").split(",")[0].strip()
+                        try:
+                            return str(ipaddress.ip_address(first))
+                        except ValueError:
+                            break
+        return peer
+
+    def _emit(
+        self,
+        scope: Scope,
+        decision: Decision,
+        status: int,
+        started: float,
+        client_ip: str,
+        sent: int,
+    ) -> None:
+        if self.producer is None:
+            return
+        identity = decision.identity
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or scope.get("path") or "/"
+        method = scope.get("method", "GET")
+        units = scope.get("state", {}).get(UNITS_KEY, 1) if decision.status is None else 0
+        try:
+            event = UsageEvent.new(
+                user_id=identity.user_id if identity else None,
+                api_key_id=identity.key_id if identity else None,
+                endpoint=endpoint[:1024],
+                method=method if method in HTTP_METHODS else "GET",
+                status_code=status if 100 <= status <= 599 else 500,
+                response_time_ms=round((time.perf_counter() - started) * 1000, 3),
+                client_ip=client_ip,
+                bytes_out=sent,
+                units=units if isinstance(units, int) and units >= 0 else 1,
+            )
+            self.producer.emit(event)
+        except InvalidEventError as exc:
+            log.warning("usage event not emitted: %s", exc)
+
+
+# -- FastAPI dependencies -------------------------------------------------------
+
+
+def _decision(request: Request) -> Decision | None:
+    return request.scope.get("state", {}).get(STATE_KEY)
+
+
+def current_identity(request: Request) -> Identity | None:
+    """The verified identity of the caller (None for anonymous requests)."""
+    decision = _decision(request)
+    return decision.identity if decision else None
+
+
+def require_scopes(*scopes: str) -> Callable[[Request], Identity]:
+    """A FastAPI dependency: 403 naming the missing scopes; 401 if anonymous."""
+    from fastapi import HTTPException
+
+    needed = frozenset(scopes)
+
+    def dependency(request: Request) -> Identity:
+        identity = current_identity(request)
+        if identity is None:
+            raise HTTPException(401, detail=_BODIES[401], headers={"WWW-Authenticate": "Bearer"})
+        granted = set(identity.scopes)
+        if "*" in granted:
+            return identity
+        missing = sorted(needed - granted)
+        if missing:
+            raise HTTPException(
+                403,
+                detail={
+                    "error": "insufficient_scope",
+                    "message": f"this key lacks the scope(s): {', '.join(missing)}",
+                    "missing_scopes": missing,
+                },
+            )
+        return identity
+
+    return dependency
+
+
+class MeteringEdge:
+    """Everything an edge service needs, built from settings, with start()/stop().
+
+    Use it from the app's lifespan::
+
+        edge = MeteringEdge(Settings.from_env())
+
+        @asynccontextmanager
+        async def lifespan(app):
+            async with edge:
+                yield
+
+        app = FastAPI(lifespan=lifespan)
+        app.add_middleware(MeteringMiddleware, guard=edge.guard, producer=edge.producer)
+
+    ``guard`` and ``producer`` exist from construction (so the middleware can
+    be added before start); their connections open in ``start()``.
+    """
+
+    def __init__(self, settings: Any) -> None:
+        import asyncpg
+        import redis.asyncio as aioredis
+
+        self._settings = settings
+        self._redis = aioredis.from_url(
+            settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        self._pool_factory = lambda: asyncpg.create_pool(
+            settings.database_url, min_size=1, max_size=4, server_settings={"timezone": "UTC"}
+        )
+        self._pool: Any = None
+        self.producer = UsageProducer(
+            bootstrap_servers=settings.kafka_bootstrap, topic=settings.events_topic
+        )
+        self.guard = EdgeGuard(
+            redis=self._redis,
+            pool=_LazyPool(self),
+            pepper=settings.key_pepper.encode() or None,
+            prefix=settings.redis_key_prefix,
+            key_cache_ttl_s=settings.key_cache_ttl_s,
+            negative_cache_ttl_s=settings.negative_cache_ttl_s,
+            anonymous_per_day=settings.anonymous_per_day,
+            auth_failures_per_minute=settings.auth_failures_per_minute,
+            redis_failure_mode=settings.redis_failure_mode,
+            last_used_flush_s=settings.last_used_flush_s,
+        )
+
+    async def start(self) -> None:
+        self._pool = await self._pool_factory()
+        await self.producer.start()
+        await self.guard.start()
+
+    async def stop(self) -> None:
+        await self.guard.stop()
+        await self.producer.stop()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> MeteringEdge:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class _LazyPool:
+    """Lets the guard be built before the pool exists (the pool opens in start())."""
+
+    def __init__(self, edge: MeteringEdge) -> None:
+        self._edge = edge
+
+    def acquire(self) -> Any:
+        if self._edge._pool is None:
+            raise RuntimeError("MeteringEdge.start() was not called")
+        return self._edge._pool.acquire()

@@ -1,0 +1,421 @@
+"""The edge through real HTTP: uvicorn on loopback + httpx, real PostgreSQL,
+Redis and Kafka. Each test gets its own database, Redis key prefix and
+topics; client addresses come through X-Forwarded-For (the server trusts
+loopback as a proxy) so per-IP limits of one test don't touch another."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from itertools import count
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+
+from examples.edge_app import create_app
+from metering import keys
+from metering.counters import DailyTotal, UsageCounters
+from metering.db import accounts
+from metering.settings import Settings
+from tests.integration.conftest import eventually, free_port
+
+PEPPER = "test-pepper"
+ISSUED: list[str] = []  # every plaintext key made in this module: must never reach a log
+_ips = count(1)
+
+
+def next_ip() -> str:
+    n = next(_ips)
+    return f"198.51.{100 + n // 250}.{n % 250 + 1}"
+
+
+class LogTrap(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+TRAP = LogTrap()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def trap_all_logs():
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(TRAP)
+    root.setLevel(logging.DEBUG)
+    yield
+    root.removeHandler(TRAP)
+    root.setLevel(old)
+
+
+@pytest.fixture
+def edge_settings(kafka_settings: Settings) -> Settings:
+    fields = {f: getattr(kafka_settings, f) for f in kafka_settings.__dataclass_fields__}
+    return Settings(
+        **{
+            **fields,
+            "key_pepper": PEPPER,
+            "trusted_proxies": "127.0.0.1/32",
+            "anonymous_per_day": 3,
+            "auth_failures_per_minute": 5,
+        }
+    )
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.port = free_port()
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="debug",
+            access_log=True,
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Server:
+        self.task = asyncio.create_task(self.server.serve())
+        await eventually(lambda: _started(self.server), timeout=15, what="uvicorn to start")
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 15)
+
+    @property
+    def guard(self):  # type: ignore[no-untyped-def]
+        return self.app.state.edge.guard
+
+
+async def _started(server: uvicorn.Server) -> bool:
+    return server.started
+
+
+@pytest.fixture
+async def servers(edge_settings: Settings) -> AsyncIterator[Callable[..., object]]:
+    running: list[Server] = []
+
+    async def make(settings: Settings | None = None) -> Server:
+        s = await Server(settings or edge_settings).start()
+        running.append(s)
+        return s
+
+    yield make
+    for s in running:
+        await s.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as c:
+        yield c
+
+
+async def make_user(db: asyncpg.Connection, tier: str = "free") -> accounts.User:
+    return await accounts.create_user(db, email=f"{uuid.uuid4().hex[:8]}@example.com", tier=tier)
+
+
+async def make_key(
+    db: asyncpg.Connection, user: accounts.User, **kw: object
+) -> tuple[str, accounts.KeyInfo]:
+    new, info = await accounts.create_key(db, user=user.id, pepper=PEPPER.encode(), **kw)  # type: ignore[arg-type]
+    ISSUED.append(new.plaintext)
+    return new.plaintext, info
+
+
+def hdr(key: str | None = None, ip: str | None = None, bearer: bool = False) -> dict[str, str]:
+    h = {"X-Forwarded-For": ip or next_ip()}
+    if key is not None:
+        h["Authorization" if bearer else "X-API-Key"] = f"Bearer {key}" if bearer else key
+    return h
+
+
+async def test_every_status_path(servers, client, db, edge_settings, redis_client):
+    srv = await servers()
+    user = await make_user(db, "free")  # 10/min, 1000/day
+    key, _info = await make_key(db, user, scopes=["items:read"])
+
+    # 200 with consistent rate-limit headers (both header styles accepted)
+    ip = next_ip()
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 200
+    assert r.headers["X-RateLimit-Limit"] == "10"
+    assert r.headers["X-RateLimit-Remaining"] == "9"
+    assert int(r.headers["X-RateLimit-Reset"]) >= int(time.time())
+    assert r.headers["X-Quota-Limit"] == "1000"
+    r = await client.get(f"{srv.url}/v1/items/1", headers=hdr(key, ip, bearer=True))
+    assert r.status_code == 200 and r.headers["X-RateLimit-Remaining"] == "8"
+
+    # 401s: missing, unknown (valid checksum), bad checksum, revoked, expired: one body
+    bodies = []
+    unknown = keys.generate().plaintext
+    ISSUED.append(unknown)
+    bad_checksum = key[:-1] + ("A" if key[-1] != "A" else "B")
+    revoked_key, revoked = await make_key(db, user)
+    await accounts.revoke_key(db, revoked.prefix, reason="test")
+    expired_key, expired = await make_key(
+        db, user, expires_at=datetime.now(UTC) + timedelta(hours=1)
+    )
+    await db.execute(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1", expired.id
+    )
+    for k in (None, unknown, bad_checksum, revoked_key, expired_key):
+        r = await client.get(f"{srv.url}/v1/search", headers=hdr(k))
+        assert r.status_code == 401, k
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        bodies.append(r.content)
+    assert len(set(bodies)) == 1
+
+    # 403: missing scope (named), and a key used from outside its allowlist
+    r = await client.post(f"{srv.url}/v1/items", headers=hdr(key, ip))
+    assert r.status_code == 403 and r.json()["detail"]["missing_scopes"] == ["items:write"]
+    fenced, _ = await make_key(db, user, ip_allowlist=["10.0.0.0/8", "2001:db8::/32"])
+    assert (
+        await client.get(f"{srv.url}/v1/search", headers=hdr(fenced, "10.1.2.3"))
+    ).status_code == 200
+    assert (
+        await client.get(f"{srv.url}/v1/search", headers=hdr(fenced, "2001:db8::7"))
+    ).status_code == 200
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(fenced, "11.1.2.3"))
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+
+    # 429 per minute: the 10th request of the minute passes, the 11th does not
+    burst_key, _ = await make_key(db, await make_user(db, "free"))
+    statuses = []
+    for _ in range(11):
+        r = await client.get(f"{srv.url}/v1/search", headers=hdr(burst_key))
+        statuses.append(r.status_code)
+    assert statuses == [200] * 10 + [429]
+    assert r.headers["X-RateLimit-Remaining"] == "0"
+    assert 1 <= int(r.headers["Retry-After"]) <= 6  # one token every 6 s at 10/min
+
+    # daily quota from the stream's counters: warning at 80 %, 429 at 100 %
+    quota_user = await make_user(db, "free")
+    quota_key, _ = await make_key(db, quota_user)
+    counters = UsageCounters(redis=redis_client, prefix=edge_settings.redis_key_prefix)
+    today = datetime.now(UTC).date()
+    await counters.publish([DailyTotal(quota_user.id, today, 800, 800, 0)])
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
+    assert r.status_code == 200 and r.headers["X-Quota-Warning"].startswith("80%")
+    assert r.headers["X-Quota-Remaining"] == "200"
+    await counters.publish([DailyTotal(quota_user.id, today, 1000, 1000, 0)])
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
+    assert r.status_code == 429 and r.json()["error"] == "quota_exceeded"
+    assert int(r.headers["Retry-After"]) <= 86400
+
+    # 429 after 5 failed authentications from one address, even with a good key
+    attacker = next_ip()
+    for _ in range(5):
+        assert (
+            await client.get(f"{srv.url}/v1/search", headers=hdr(unknown, attacker))
+        ).status_code == 401
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, attacker))
+    assert r.status_code == 429 and "Retry-After" in r.headers
+
+    # anonymous paths: per-IP allowance (3/day in this test), then 429
+    anon_ip = next_ip()
+    anon = [
+        (await client.get(f"{srv.url}/public/status", headers=hdr(None, anon_ip))).status_code
+        for _ in range(4)
+    ]
+    assert anon == [200, 200, 200, 429]
+
+
+async def test_rotation_grace_then_old_key_stops(servers, client, db, redis_client):
+    srv = await servers()
+    user = await make_user(db, "pro")
+    old_key, old = await make_key(db, user, scopes=["items:read"])
+    ip = next_ip()
+    assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(old_key, ip))).status_code == 200
+    new, info, old_after = await accounts.rotate_key(
+        db, old.prefix, grace=timedelta(seconds=2), pepper=PEPPER.encode()
+    )
+    ISSUED.append(new.plaintext)
+    assert info.scopes == ["items:read"] and info.rotated_from == old.id
+    assert old_after.status == "rotating"
+    from metering.edge import refresh
+
+    await refresh(redis_client, db, [old.key_hash], prefix=srv.guard._prefix)
+    for k in (old_key, new.plaintext):  # both work during the grace period
+        assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(k, ip))).status_code == 200
+    await asyncio.sleep(2.2)
+    assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(old_key, ip))).status_code == 401
+    assert (
+        await client.get(f"{srv.url}/v1/items/1", headers=hdr(new.plaintext, ip))
+    ).status_code == 200
+
+
+async def test_revocation_reaches_two_instances_within_a_second(servers, client, db, edge_settings):
+    a, b = await servers(), await servers()
+    user = await make_user(db, "pro")
+    key, info = await make_key(db, user)
+    ip = next_ip()
+    for srv in (a, b):  # warm both caches
+        assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 200
+    env = {
+        f"METERING_{f.upper()}": str(getattr(edge_settings, f))
+        for f in edge_settings.__dataclass_fields__
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "metering.cli",
+        "keys",
+        "revoke",
+        info.prefix,
+        "--reason",
+        "leaked",
+        env={**env, "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    revoked_at = time.monotonic()
+    pending = {a.url, b.url}
+    while pending and time.monotonic() - revoked_at < 1.0:
+        for url in list(pending):
+            if (await client.get(f"{url}/v1/search", headers=hdr(key, ip))).status_code == 401:
+                pending.discard(url)
+    assert not pending, f"still accepted {time.monotonic() - revoked_at:.2f}s after revocation"
+
+
+async def test_shadow_mode_reports_but_does_not_reject(servers, client, db):
+    srv = await servers()
+    user = await make_user(db, "free")
+    key, _ = await make_key(db, user, limits_mode="shadow")
+    ip = next_ip()
+    responses = [await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip)) for _ in range(12)]
+    assert [r.status_code for r in responses] == [200] * 12
+    assert "X-RateLimit-Shadow" not in responses[9].headers
+    assert responses[10].headers["X-RateLimit-Shadow"] == "rate_limited"
+    assert srv.guard.stats.shadowed == 2
+    # the tier can be shadowed too
+    await accounts.set_tier_limits_mode(db, "free", "shadow")
+    key2, _ = await make_key(db, user)
+    statuses = {
+        (await client.get(f"{srv.url}/v1/search", headers=hdr(key2, ip))).status_code
+        for _ in range(12)
+    }
+    assert statuses == {200}
+
+
+async def test_one_round_trip_when_warm_and_coalescing(servers, client, db):
+    srv = await servers()
+    user = await make_user(db, "enterprise")
+    key, _ = await make_key(db, user)
+    ip = next_ip()
+    await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))  # fills the cache
+    before = srv.guard.stats.round_trips
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 200
+    assert srv.guard.stats.round_trips - before == 1
+    before = srv.guard.stats.round_trips
+    results = await asyncio.gather(*(srv.guard.check(key, "203.0.113.9") for _ in range(64)))
+    assert all(d.status is None for d in results)
+    assert srv.guard.stats.round_trips - before == 1  # 64 checks, one pipeline
+
+
+async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_settings):
+    user = await make_user(db, "free")
+    key, _ = await make_key(db, user)
+    dead = {"redis_url": "redis://127.0.0.1:1/0"}
+    fields = {f: getattr(edge_settings, f) for f in edge_settings.__dataclass_fields__}
+    open_srv = await servers(Settings(**{**fields, **dead, "redis_failure_mode": "open"}))
+    closed_srv = await servers(Settings(**{**fields, **dead, "redis_failure_mode": "closed"}))
+    ip = next_ip()
+    r = await client.get(f"{open_srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 200 and "X-RateLimit-Limit" not in r.headers
+    bogus = keys.generate().plaintext
+    ISSUED.append(bogus)
+    assert (
+        await client.get(f"{open_srv.url}/v1/search", headers=hdr(bogus, ip))
+    ).status_code == 401
+    assert open_srv.guard.stats.redis_failures == 2
+    r = await client.get(f"{closed_srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+
+
+async def test_events_for_every_request_land_in_usage_logs(
+    servers, client, db, kafka_settings, worker_factory
+):
+    srv = await servers()
+    user = await make_user(db, "free")
+    key, info = await make_key(db, user, scopes=["items:read"])
+    ip = next_ip()
+    expected = {200: 0, 401: 0, 403: 0}
+    for path, k, status in [
+        ("/v1/search", key, 200),
+        ("/v1/items/5", key, 200),
+        ("/v1/search", None, 401),
+        ("/v1/search", keys.generate().plaintext, 401),
+    ]:
+        r = await client.get(f"{srv.url}{path}", headers=hdr(k, ip))
+        assert r.status_code == status
+        expected[status] += 1
+    r = await client.post(f"{srv.url}/v1/items", headers=hdr(key, ip))
+    assert r.status_code == 403
+    expected[403] += 1
+    await srv.guard.flush_last_used()
+    assert await db.fetchval("SELECT last_used_at FROM api_keys WHERE id = $1", info.id) is not None
+    await srv.app.state.edge.producer.flush(timeout=10)
+
+    worker_factory(kafka_settings)
+
+    async def landed() -> bool:
+        return await db.fetchval("SELECT count(*) FROM usage_logs") == sum(expected.values())
+
+    await eventually(landed, timeout=60, what="the edge's events in usage_logs")
+    rows = await db.fetch(
+        "SELECT status_code, user_id, api_key_id, endpoint, host(client_ip) AS ip FROM usage_logs"
+    )
+    by_status: dict[int, int] = {}
+    for row in rows:
+        by_status[row["status_code"]] = by_status.get(row["status_code"], 0) + 1
+        assert row["ip"] == ip
+        if row["status_code"] == 401:
+            assert row["user_id"] is None and row["api_key_id"] is None
+        else:
+            assert row["user_id"] == user.id and row["api_key_id"] == info.id
+    assert by_status == expected
+    assert {r["endpoint"] for r in rows} >= {"/v1/search", "/v1/items/{item_id}", "/v1/items"}
+
+
+def test_no_plaintext_key_in_any_log(tmp_path_factory):
+    """Runs last in this module: every log line captured in-process (uvicorn
+    access and error logs, metering, faust) and every log file the stack and
+    the workers wrote must be free of keys."""
+    assert ISSUED, "the tests above issued keys"
+    texts = list(TRAP.lines)
+    root = Path(tmp_path_factory.getbasetemp())
+    files = list(root.rglob("*.log"))
+    files += [p for p in Path(".stack").rglob("*.log")]
+    files += list(Path("/var/log/postgresql").glob("*.log"))
+    for f in files:
+        try:
+            texts.append(f.read_text(errors="replace"))
+        except OSError:
+            pass
+    blob = "\n".join(texts)
+    assert len(blob) > 1000  # there really were logs to look at
+    for key in ISSUED:
+        assert key not in blob
+    assert not keys.KEY_PATTERN.search(blob)
