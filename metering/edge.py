@@ -27,15 +27,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from importlib import resources
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from metering import keys
 from metering.db import accounts
+from metering.scripts import CoalescingScript, load_source
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,6 @@ class Decision:
 @dataclass(slots=True)
 class EdgeStats:
     checks: int = 0
-    round_trips: int = 0
     cache_misses: int = 0
     redis_failures: int = 0
     shadowed: int = 0
@@ -110,19 +109,21 @@ class EdgeGuard:
         self._fails = auth_failures_per_minute
         self._mode = redis_failure_mode
         self._flush_every = last_used_flush_s
-        self._source = resources.files("metering").joinpath("lua/edge_check.lua").read_text()
-        self._sha: str | None = None
-        self._pending: list[tuple[tuple[str, ...], asyncio.Future[list[Any]]]] = []
-        self._flush_scheduled = False
+        self._script = CoalescingScript(redis, load_source("edge_check"))
         self._last_used: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.stats = EdgeStats()
+
+    @property
+    def round_trips(self) -> int:
+        """Redis round trips made by checks so far (one per coalesced batch)."""
+        return self._script.round_trips
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         try:
-            self._sha = await self._redis.script_load(self._source)
+            await self._script.load()
         except (RedisError, OSError) as exc:
             log.warning("Redis unavailable at start (%s); policy %s applies", exc, self._mode)
         if self._flusher is None:
@@ -266,53 +267,9 @@ class EdgeGuard:
             return Decision(403, "forbidden_ip", identity, degraded=True)
         return Decision(None, "ok", identity, degraded=True)
 
-    # -- coalescing: one pipeline per event-loop tick -------------------------
-
     async def _eval(self, args: tuple[str, ...]) -> list[Any]:
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((args, fut))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await fut
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        self._flush_scheduled = False
-        asyncio.get_running_loop().create_task(self._run_batch(batch))
-
-    async def _run_batch(
-        self, batch: list[tuple[tuple[str, ...], asyncio.Future[list[Any]]]]
-    ) -> None:
-        try:
-            results = await self._pipeline([a for a, _ in batch])
-        except BaseException as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for (_, fut), res in zip(batch, results, strict=True):
-            if fut.done():
-                continue
-            if isinstance(res, Exception):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
-
-    async def _pipeline(self, calls: list[tuple[str, ...]]) -> list[Any]:
-        if self._sha is None:
-            self._sha = await self._redis.script_load(self._source)
-        for attempt in (1, 2):
-            self.stats.round_trips += 1
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for args in calls:
-                    pipe.evalsha(self._sha, 0, *args)
-                results = await pipe.execute(raise_on_error=False)
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
-                self._sha = await self._redis.script_load(self._source)  # Redis restarted
-                continue
-            return list(results)
-        raise AssertionError("unreachable")
+        result: list[Any] = await self._script([], args)
+        return result
 
     # -- last_used_at: one UPDATE every few seconds, not a write per request --
 

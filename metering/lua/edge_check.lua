@@ -15,26 +15,7 @@
 local prefix, key_hash, ip_hex, day = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local anon_per_day, fails_per_min = tonumber(ARGV[5]), tonumber(ARGV[6])
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
--- GCRA: `limit` requests per `period_ms`, bursts up to `limit`.
--- Returns allowed, remaining, reset_ms (until the bucket is full again), retry_after_ms.
-local function gcra(key, limit, period_ms, consume)
-  local interval = period_ms / limit
-  local tat = tonumber(redis.call('GET', key) or now)
-  if tat < now then tat = now end
-  local new_tat = tat + interval
-  local allow_at = new_tat - period_ms
-  if allow_at > now then
-    return false, 0, math.ceil(tat - now), math.ceil(allow_at - now)
-  end
-  if consume then
-    redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
-  end
-  local remaining = math.floor((now - allow_at) / interval)
-  return true, remaining, math.ceil(new_tat - now), 0
-end
+-- (gcra.lua is prepended: it defines `now` and gcra())
 
 local function fail_auth()
   gcra(prefix .. ':authfail:' .. ip_hex, fails_per_min, 60000, true)

@@ -1,0 +1,37 @@
+"""The GCRA limiter against real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+from metering.limiter import RateLimiter
+
+
+async def test_burst_then_steady_rate(redis_client, redis_prefix):
+    limiter = RateLimiter(redis_client, prefix=redis_prefix)
+    results = [await limiter.hit("k", limit=5, period_s=1) for _ in range(6)]
+    assert [r.allowed for r in results] == [True] * 5 + [False]
+    assert [r.remaining for r in results[:5]] == [4, 3, 2, 1, 0]
+    denied = results[-1]
+    assert 0 < denied.retry_after_s <= 0.2  # one request every 200 ms
+    assert (await limiter.peek("k", limit=5, period_s=1)).allowed is False
+    await asyncio.sleep(denied.retry_after_s + 0.02)
+    assert (await limiter.peek("k", limit=5, period_s=1)).allowed  # peek uses nothing
+    assert (await limiter.hit("k", limit=5, period_s=1)).allowed
+    assert not (await limiter.hit("k", limit=5, period_s=1)).allowed
+
+
+async def test_never_more_than_limit_across_a_window_boundary(redis_client, redis_prefix):
+    limiter = RateLimiter(redis_client, prefix=redis_prefix)
+    first = [await limiter.hit("b", limit=10, period_s=60) for _ in range(10)]
+    second = [await limiter.hit("b", limit=10, period_s=60) for _ in range(10)]
+    assert all(r.allowed for r in first)
+    assert not any(r.allowed for r in second)  # unlike a fixed window, no second burst
+
+
+async def test_concurrent_checks_share_one_round_trip(redis_client, redis_prefix):
+    limiter = RateLimiter(redis_client, prefix=redis_prefix)
+    before = limiter.round_trips
+    results = await asyncio.gather(*(limiter.hit("c", limit=50, period_s=60) for _ in range(64)))
+    assert limiter.round_trips - before == 1
+    assert sum(r.allowed for r in results) == 50  # exactly the limit, even when concurrent
