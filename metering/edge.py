@@ -268,7 +268,7 @@ class EdgeGuard:
         return Decision(None, "ok", identity, degraded=True)
 
     async def _eval(self, args: tuple[str, ...]) -> list[Any]:
-        result: list[Any] = await self._script([], args)
+        result: list[Any] = await self._script(args)
         return result
 
     # -- last_used_at: one UPDATE every few seconds, not a write per request --

@@ -5,9 +5,8 @@ algorithm inside its one-round-trip script).
     r = await limiter.hit("key:42", limit=100, period_s=60)
     if not r.allowed: ... r.retry_after_s
 
-``limit`` requests per ``period_s``, bursts up to ``limit``; one Lua call
-per check, and concurrent checks share a pipeline (one round trip per
-event-loop tick). State is one small key per bucket.
+``limit`` requests per ``period_s``, bursts up to ``limit``; concurrent checks
+share one script call (one round trip per event-loop tick). State is one small key per bucket.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ class RateLimiter:
         if limit < 1 or period_s <= 0:
             raise ValueError("limit must be >= 1 and period > 0")
         allowed, remaining, reset_ms, retry_ms = await self._script(
-            [f"{self._prefix}:{key}"], [limit, int(period_s * 1000), 1 if cost else 0]
+            [f"{self._prefix}:{key}", limit, int(period_s * 1000), 1 if cost else 0]
         )
         return LimitResult(
             bool(allowed), limit, int(remaining), int(reset_ms) / 1000, int(retry_ms) / 1000

@@ -30,56 +30,57 @@ class CoalescingScript:
         self._redis = redis
         self._source = source
         self._sha: str | None = None
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._scheduled = False
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
         self.round_trips = 0
 
     async def load(self) -> None:
         self._sha = await self._redis.script_load(self._source)
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(((len(keys), *keys, *args), fut))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await fut
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        self._scheduled = False
-        asyncio.get_running_loop().create_task(self._run(batch))
-
-    async def _run(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def __call__(self, args: Sequence[Any]) -> Any:
+        """One check: ``args`` are its ARGV group (the script's fixed arity)."""
+        call = tuple(args)
+        if self._pending is not None:  # a leader is gathering this tick's calls: join it
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.append((call, fut))
+            return await fut
+        # Lead: give the other tasks ready in this tick one chance to join, then
+        # send everything gathered as one pipeline and hand out the answers.
+        self._pending = []
         try:
-            results = await self._pipeline([call for call, _ in batch])
-        except BaseException as exc:  # handed to every waiter
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for (_, fut), res in zip(batch, results, strict=True):
-            if fut.done():
-                continue
-            if isinstance(res, Exception):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
+            await asyncio.sleep(0)
+        finally:
+            followers, self._pending = self._pending, None
+        try:
+            results = await self._pipeline([call, *(c for c, _ in followers)])
+        except BaseException as exc:
+            for _, f in followers:
+                if not f.done():
+                    f.set_exception(exc)
+            raise
+        for (_, f), res in zip(followers, results[1:], strict=True):
+            if not f.done():
+                if isinstance(res, Exception):
+                    f.set_exception(res)
+                else:
+                    f.set_result(res)
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
 
     async def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """All calls in one EVALSHA: ARGV = count, then each call's arguments."""
         if self._sha is None:
             await self.load()
         assert self._sha is not None
-        results: list[Any] = []
+        argv: list[Any] = [len(calls)]
+        for call in calls:
+            argv.extend(call)
         for attempt in (1, 2):
             self.round_trips += 1
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for call in calls:
-                    pipe.evalsha(self._sha, *call)
-                results = list(await pipe.execute(raise_on_error=False))
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+            try:
+                return list(await self._redis.evalsha(self._sha, 0, *argv))
+            except NoScriptError:
+                if attempt == 2:
+                    raise
                 await self.load()  # Redis restarted and lost its script cache
-                continue
-            break
-        return results
+        raise AssertionError("unreachable")

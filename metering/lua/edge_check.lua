@@ -2,7 +2,9 @@
 -- identity), expiry/rotation, IP allowlist, per-key rate limit (GCRA) and
 -- daily quota. Standalone Redis (keys are derived inside the script).
 --
--- ARGV: 1 prefix, 2 key hash ("" = no key, "!" = malformed key), 3 client ip as hex (8 or 32
+-- Many checks per call (coalesced requests): ARGV is the count, then 6
+-- arguments per check; the reply is one result per check, in order.
+-- Per check: 1 prefix, 2 key hash ("" = no key, "!" = malformed key), 3 client ip as hex (8 or 32
 --       nibbles), 4 UTC date YYYY-MM-DD, 5 anonymous requests per day,
 --       6 failed authentications per minute per IP
 -- Returns {code, identity json, limit, remaining, reset_ms, retry_after_ms,
@@ -12,93 +14,100 @@
 -- rate_limited / quota_exceeded with shadow mode are still returned as such
 -- (the caller decides); a rate-limited request does not use up capacity.
 
-local prefix, key_hash, ip_hex, day = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local anon_per_day, fails_per_min = tonumber(ARGV[5]), tonumber(ARGV[6])
-
 -- (gcra.lua is prepended: it defines `now` and gcra())
 
-local function fail_auth()
-  gcra(prefix .. ':authfail:' .. ip_hex, fails_per_min, 60000, true)
-end
+local function check(prefix, key_hash, ip_hex, day, anon_per_day, fails_per_min)
+  local function fail_auth()
+    gcra(prefix .. ':authfail:' .. ip_hex, fails_per_min, 60000, true)
+  end
 
--- is ip_hex inside network (hex, prefix length)?
-local function in_net(net_hex, bits)
-  if #net_hex ~= #ip_hex then return false end
-  local full = math.floor(bits / 4)
-  if string.sub(ip_hex, 1, full) ~= string.sub(net_hex, 1, full) then return false end
-  local rest = bits - full * 4
-  if rest == 0 then return true end
-  local div = 2 ^ (4 - rest)
-  local a = tonumber(string.sub(ip_hex, full + 1, full + 1), 16)
-  local b = tonumber(string.sub(net_hex, full + 1, full + 1), 16)
-  return math.floor(a / div) == math.floor(b / div)
-end
+  -- is ip_hex inside network (hex, prefix length)?
+  local function in_net(net_hex, bits)
+    if #net_hex ~= #ip_hex then return false end
+    local full = math.floor(bits / 4)
+    if string.sub(ip_hex, 1, full) ~= string.sub(net_hex, 1, full) then return false end
+    local rest = bits - full * 4
+    if rest == 0 then return true end
+    local div = 2 ^ (4 - rest)
+    local a = tonumber(string.sub(ip_hex, full + 1, full + 1), 16)
+    local b = tonumber(string.sub(net_hex, full + 1, full + 1), 16)
+    return math.floor(a / div) == math.floor(b / div)
+  end
 
--- 1. an IP that failed authentication too often is throttled outright
-local fails_key = prefix .. ':authfail:' .. ip_hex
-local ok_f, _, _, retry_f = gcra(fails_key, fails_per_min, 60000, false)
-if not ok_f then
-  return {'auth_throttled', '', fails_per_min, 0, retry_f, retry_f, 0, -1}
-end
+  -- 1. an IP that failed authentication too often is throttled outright
+  local fails_key = prefix .. ':authfail:' .. ip_hex
+  local ok_f, _, _, retry_f = gcra(fails_key, fails_per_min, 60000, false)
+  if not ok_f then
+    return {'auth_throttled', '', fails_per_min, 0, retry_f, retry_f, 0, -1}
+  end
 
--- a key that failed its checksum at the edge: count the failure, nothing else
-if key_hash == '!' then
-  fail_auth()
-  return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
-end
+  -- a key that failed its checksum at the edge: count the failure, nothing else
+  if key_hash == '!' then
+    fail_auth()
+    return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
+  end
 
--- 2. anonymous: per-IP daily allowance
-if key_hash == '' then
-  local ok, remaining, reset, retry = gcra(prefix .. ':rl:anon:' .. ip_hex, anon_per_day, 86400000, true)
-  return {ok and 'anon_ok' or 'anon_limited', '', anon_per_day, remaining, reset, retry, 0, -1}
-end
+  -- 2. anonymous: per-IP daily allowance
+  if key_hash == '' then
+    local ok, remaining, reset, retry = gcra(prefix .. ':rl:anon:' .. ip_hex, anon_per_day, 86400000, true)
+    return {ok and 'anon_ok' or 'anon_limited', '', anon_per_day, remaining, reset, retry, 0, -1}
+  end
 
--- 3. identity from the cache; the caller fills it on a miss
-local raw = redis.call('GET', prefix .. ':key:' .. key_hash)
-if not raw then
-  return {'miss', '', 0, 0, 0, 0, 0, -1}
-end
-if raw == '-' then
-  fail_auth()
-  return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
-end
-local id = cjson.decode(raw)
-if (id.expires_at ~= cjson.null and id.expires_at * 1000 <= now)
-    or (id.status == 'rotating' and id.rotates_at ~= cjson.null and id.rotates_at * 1000 <= now) then
-  fail_auth()
-  return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
-end
+  -- 3. identity from the cache; the caller fills it on a miss
+  local raw = redis.call('GET', prefix .. ':key:' .. key_hash)
+  if not raw then
+    return {'miss', '', 0, 0, 0, 0, 0, -1}
+  end
+  if raw == '-' then
+    fail_auth()
+    return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
+  end
+  local id = cjson.decode(raw)
+  if (id.expires_at ~= cjson.null and id.expires_at * 1000 <= now)
+      or (id.status == 'rotating' and id.rotates_at ~= cjson.null and id.rotates_at * 1000 <= now) then
+    fail_auth()
+    return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
+  end
 
--- 4. IP allowlist: entries are "hex/bits", precomputed when the cache was filled
-if id.allow_hex ~= nil and id.allow_hex ~= cjson.null then
-  local inside = false
-  for _, entry in ipairs(id.allow_hex) do
-    local slash = string.find(entry, '/', 1, true)
-    if in_net(string.sub(entry, 1, slash - 1), tonumber(string.sub(entry, slash + 1))) then
-      inside = true
-      break
+  -- 4. IP allowlist: entries are "hex/bits", precomputed when the cache was filled
+  if id.allow_hex ~= nil and id.allow_hex ~= cjson.null then
+    local inside = false
+    for _, entry in ipairs(id.allow_hex) do
+      local slash = string.find(entry, '/', 1, true)
+      if in_net(string.sub(entry, 1, slash - 1), tonumber(string.sub(entry, slash + 1))) then
+        inside = true
+        break
+      end
+    end
+    if not inside then
+      return {'forbidden_ip', raw, 0, 0, 0, 0, 0, -1}
     end
   end
-  if not inside then
-    return {'forbidden_ip', raw, 0, 0, 0, 0, 0, -1}
+
+  -- 5. per-key rate limit
+  local limit = id.rate_limit_per_minute
+  local ok, remaining, reset, retry = gcra(prefix .. ':rl:key:' .. id.key_id, limit, 60000, true)
+  if not ok then
+    -- in shadow mode the caller lets it through (without using up capacity)
+    return {'rate_limited', raw, limit, 0, reset, retry, 0, -1}
   end
+
+  -- 6. daily quota from the counters the stream keeps (committed usage)
+  local quota = id.daily_quota
+  local used = tonumber(redis.call('HGET', prefix .. ':usage:' .. id.user_id .. ':' .. day, 'requests') or '0')
+  if quota ~= cjson.null and quota ~= nil then
+    if used >= quota then
+      return {'quota_exceeded', raw, limit, remaining, reset, 0, used, quota}
+    end
+    return {'ok', raw, limit, remaining, reset, 0, used, quota}
+  end
+  return {'ok', raw, limit, remaining, reset, 0, used, -1}
 end
 
--- 5. per-key rate limit
-local limit = id.rate_limit_per_minute
-local ok, remaining, reset, retry = gcra(prefix .. ':rl:key:' .. id.key_id, limit, 60000, true)
-if not ok then
-  -- in shadow mode the caller lets it through (without using up capacity)
-  return {'rate_limited', raw, limit, 0, reset, retry, 0, -1}
+local n, out = tonumber(ARGV[1]), {}
+for i = 0, n - 1 do
+  local b = 1 + i * 6
+  out[i + 1] = check(ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4],
+                     tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]))
 end
-
--- 6. daily quota from the counters the stream keeps (committed usage)
-local quota = id.daily_quota
-local used = tonumber(redis.call('HGET', prefix .. ':usage:' .. id.user_id .. ':' .. day, 'requests') or '0')
-if quota ~= cjson.null and quota ~= nil then
-  if used >= quota then
-    return {'quota_exceeded', raw, limit, remaining, reset, 0, used, quota}
-  end
-  return {'ok', raw, limit, remaining, reset, 0, used, quota}
-end
-return {'ok', raw, limit, remaining, reset, 0, used, -1}
+return out
