@@ -23,6 +23,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,11 @@ NEGATIVE = "-"
 
 def ip_hex(ip: str) -> str:
     """Client address as fixed-width hex (8 nibbles IPv4, 32 IPv6) for the script."""
-    addr = ipaddress.ip_address(ip)
+    try:
+        return socket.inet_pton(socket.AF_INET, ip).hex()
+    except OSError:
+        pass
+    addr = ipaddress.ip_address(ip)  # raises ValueError for garbage
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.packed.hex()
@@ -110,6 +115,7 @@ class EdgeGuard:
         self._mode = redis_failure_mode
         self._flush_every = last_used_flush_s
         self._script = CoalescingScript(redis, load_source("edge_check"))
+        self._parsed: dict[bytes, accounts.Identity] = {}
         self._last_used: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.stats = EdgeStats()
@@ -186,11 +192,7 @@ class EdgeGuard:
 
     def _decide(self, r: Sequence[Any]) -> Decision:
         code = r[0].decode() if isinstance(r[0], bytes) else str(r[0])
-        identity = None
-        if r[1]:
-            data = json.loads(r[1])
-            data.pop("allow_hex", None)
-            identity = accounts.Identity(**data)
+        identity = self._identity(r[1]) if r[1] else None
         limit, remaining, reset_ms, retry_ms = int(r[2]), int(r[3]), int(r[4]), int(r[5])
         used, quota = int(r[6]), int(r[7])
         now = time.time()
@@ -233,6 +235,18 @@ class EdgeGuard:
             retry_s = max(1, int(retry_ms / 1000 + 0.999))
             return Decision(429, code, None, [*headers, ("Retry-After", str(retry_s))])
         raise RuntimeError(f"unexpected edge script answer {code!r}")
+
+    def _identity(self, raw: bytes) -> accounts.Identity:
+        """Parse a cached identity; parsed forms are memoised by their exact bytes."""
+        found = self._parsed.get(raw)
+        if found is None:
+            data = json.loads(raw)
+            data.pop("allow_hex", None)
+            found = accounts.Identity(**data)
+            if len(self._parsed) >= 10_000:
+                self._parsed.clear()
+            self._parsed[raw] = found
+        return found
 
     async def _redis_down(self, exc: BaseException, key_hash: str, client_ip: str) -> Decision:
         self.stats.redis_failures += 1

@@ -34,6 +34,7 @@ try:  # asyncpg's C UUID: a uuid.UUID subclass, ~8x faster to parse
     from asyncpg.pgproto.pgproto import UUID as _UUID
 except ImportError:  # pragma: no cover
     _UUID = uuid.UUID
+parse_uuid = _UUID
 
 SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024
@@ -230,7 +231,7 @@ def validate(data: Any) -> UsageEvent:
     client_ip = data["client_ip"]
     if not isinstance(client_ip, str):
         raise InvalidEventError("bad_type", "client_ip must be a string")
-    if not _is_ip(client_ip):
+    if not is_ip(client_ip):
         raise InvalidEventError("bad_value", f"client_ip {client_ip!r} is not an IP address")
 
     bytes_out = data.get("bytes_out")
@@ -276,7 +277,8 @@ def _uuid(data: dict[str, Any], name: str, *, nullable: bool) -> uuid.UUID | Non
         raise InvalidEventError("bad_value", f"{name} {value!r} is not a UUID") from None
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """True for an IPv4 or IPv6 address (fast: inet_pton)."""
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, text)

@@ -27,13 +27,15 @@ import ipaddress
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 
 from metering.db.accounts import Identity
 from metering.edge import Decision, EdgeGuard
 from metering.errors import InvalidEventError
-from metering.events import HTTP_METHODS, UsageEvent
+from metering.events import HTTP_METHODS, MAX_UNITS, UsageEvent, is_ip, parse_uuid
 from metering.producer import UsageProducer
 
 try:  # FastAPI/Starlette are optional: only the dependencies below need them
@@ -196,18 +198,22 @@ class MeteringMiddleware:
         endpoint = getattr(route, "path", None) or scope.get("path") or "/"
         method = scope.get("method", "GET")
         units = scope.get("state", {}).get(UNITS_KEY, 1) if decision.status is None else 0
+        # Built directly (every field is ours and already well-typed): the full
+        # contract validation is for records arriving from outside.
+        event = UsageEvent(
+            event_id=uuid.uuid4(),
+            occurred_at=datetime.now(UTC),
+            user_id=parse_uuid(identity.user_id) if identity else None,
+            api_key_id=parse_uuid(identity.key_id) if identity else None,
+            endpoint=endpoint[:1024] or "/",
+            method=method if method in HTTP_METHODS else "GET",
+            status_code=status if 100 <= status <= 599 else 500,
+            response_time_ms=round((time.perf_counter() - started) * 1000, 3),
+            client_ip=client_ip if is_ip(client_ip) else "0.0.0.0",
+            bytes_out=sent,
+            units=units if type(units) is int and 0 <= units <= MAX_UNITS else 1,
+        )
         try:
-            event = UsageEvent.new(
-                user_id=identity.user_id if identity else None,
-                api_key_id=identity.key_id if identity else None,
-                endpoint=endpoint[:1024],
-                method=method if method in HTTP_METHODS else "GET",
-                status_code=status if 100 <= status <= 599 else 500,
-                response_time_ms=round((time.perf_counter() - started) * 1000, 3),
-                client_ip=client_ip,
-                bytes_out=sent,
-                units=units if isinstance(units, int) and units >= 0 else 1,
-            )
             self.producer.emit(event)
         except InvalidEventError as exc:
             log.warning("usage event not emitted: %s", exc)
