@@ -383,21 +383,12 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
     rows = asyncio.run(go())
     table = Table(title=f"daily usage, last {args.days} day(s), UTC")
-    for col in (
-        "date",
-        "user",
-        "tier",
-        "requests",
-        "units",
-        "4xx",
-        "5xx",
-        "avg ms",
-        "quota",
-        "redis",
-    ):
+    columns = ("date", "user", "tier", "requests", "units", "4xx", "429", "5xx", "avg ms", "quota")
+    for col in (*columns, "redis"):
         table.add_column(col, justify="left" if col in ("date", "user", "tier") else "right")
     for r in rows:
-        quota = f"{100 * r.requests / r.daily_quota:.1f}%" if r.daily_quota else "unlimited"
+        served = r.requests - r.throttled
+        quota = f"{100 * served / r.daily_quota:.1f}%" if r.daily_quota else "unlimited"
         redis_cell = "-" if r.redis_requests is None else str(r.redis_requests)
         if r.redis_requests is not None and r.redis_requests != r.requests:
             redis_cell += " (!)"
@@ -408,6 +399,7 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
             f"{r.requests:,}",
             f"{r.units:,}",
             str(r.client_errors),
+            str(r.throttled),
             str(r.server_errors),
             f"{r.avg_ms:.1f}" if r.avg_ms is not None else "-",
             quota,

@@ -2,8 +2,9 @@
 
 Key layout (``prefix`` defaults to ``metering``)::
 
-    {prefix}:usage:{user_id}:{YYYY-MM-DD}   hash  requests, units, errors
-                                            (UTC day; expires 3 days after it)
+    {prefix}:usage:{user_id}:{YYYY-MM-DD}   hash  requests, units, errors, throttled
+                                            (UTC day; expires 3 days after it;
+                                            quota use = requests - throttled)
     {prefix}:usage:synced                   string, set after a rebuild from
                                             PostgreSQL; its absence means Redis
                                             lost its data and must be rebuilt
@@ -39,6 +40,7 @@ class DailyTotal:
     requests: int
     units: int
     errors: int
+    throttled: int = 0  # answered 429: not served, not counted against the quota
 
 
 class UsageCounters:
@@ -65,7 +67,13 @@ class UsageCounters:
                     expire_at = _day_start(t.day) + timedelta(days=COUNTER_TTL_DAYS)
                     await self._set_totals(
                         keys=[self.key(t.user_id, t.day)],
-                        args=[t.requests, t.units, t.errors, int(expire_at.timestamp())],
+                        args=[
+                            t.requests,
+                            t.units,
+                            t.errors,
+                            t.throttled,
+                            int(expire_at.timestamp()),
+                        ],
                         client=pipe,
                     )
                 await pipe.execute()
@@ -80,7 +88,12 @@ class UsageCounters:
         if not raw:
             return None
         return DailyTotal(
-            UUID(str(user_id)), day, int(raw[b"requests"]), int(raw[b"units"]), int(raw[b"errors"])
+            UUID(str(user_id)),
+            day,
+            int(raw[b"requests"]),
+            int(raw[b"units"]),
+            int(raw[b"errors"]),
+            int(raw.get(b"throttled", 0)),
         )
 
     async def is_synced(self) -> bool:
@@ -95,12 +108,12 @@ class UsageCounters:
         rows = await conn.fetch(
             """
             SELECT user_id, date, request_count, units,
-                   client_error_count + server_error_count AS errors
+                   client_error_count + server_error_count AS errors, throttled_count
             FROM daily_usage WHERE date >= $1
             """,
             since,
         )
-        totals = [DailyTotal(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        totals = [DailyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
         for chunk in _chunks(totals, 1000):
             await self.publish(chunk)
         try:

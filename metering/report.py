@@ -12,7 +12,7 @@ from metering.counters import UsageCounters
 
 DAILY_USAGE = """
 SELECT d.date, d.user_id, u.email, t.name AS tier, d.request_count, d.units,
-       d.client_error_count, d.server_error_count,
+       d.client_error_count, d.server_error_count, d.throttled_count,
        d.total_response_time_ms / NULLIF(d.request_count, 0) AS avg_ms,
        t.daily_quota
 FROM daily_usage d
@@ -33,6 +33,7 @@ class UsageRow:
     units: int
     client_errors: int
     server_errors: int
+    throttled: int
     avg_ms: float | None
     daily_quota: int | None
     redis_requests: int | None  # None: no counter in Redis (expired or not rebuilt yet)
@@ -60,6 +61,7 @@ async def daily_usage(
                 r["units"],
                 r["client_error_count"],
                 r["server_error_count"],
+                r["throttled_count"],
                 r["avg_ms"],
                 r["daily_quota"],
                 cached.requests if cached else None,

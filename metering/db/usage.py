@@ -69,6 +69,7 @@ WITH inserted AS (
            sum(units) AS units,
            count(*) FILTER (WHERE status_code BETWEEN 400 AND 499) AS client_errors,
            count(*) FILTER (WHERE status_code >= 500) AS server_errors,
+           count(*) FILTER (WHERE status_code = 429) AS throttled,
            sum(response_time_ms) AS response_time_ms,
            coalesce(sum(bytes_out), 0) AS bytes_out
     FROM inserted
@@ -77,8 +78,9 @@ WITH inserted AS (
     ORDER BY 1, 2
 ), upserted AS (
     INSERT INTO daily_usage AS d (user_id, date, request_count, units, client_error_count,
-                                  server_error_count, total_response_time_ms, bytes_out)
-    SELECT user_id, date, request_count, units, client_errors, server_errors,
+                                  server_error_count, throttled_count, total_response_time_ms,
+                                  bytes_out)
+    SELECT user_id, date, request_count, units, client_errors, server_errors, throttled,
            response_time_ms, bytes_out
     FROM per_day
     ON CONFLICT (user_id, date) DO UPDATE SET
@@ -86,18 +88,20 @@ WITH inserted AS (
         units                  = d.units + EXCLUDED.units,
         client_error_count     = d.client_error_count + EXCLUDED.client_error_count,
         server_error_count     = d.server_error_count + EXCLUDED.server_error_count,
+        throttled_count        = d.throttled_count + EXCLUDED.throttled_count,
         total_response_time_ms = d.total_response_time_ms + EXCLUDED.total_response_time_ms,
         bytes_out              = d.bytes_out + EXCLUDED.bytes_out,
         updated_at             = now()
     RETURNING d.user_id, d.date, d.request_count, d.units,
-              d.client_error_count + d.server_error_count AS errors
+              d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
 )
 SELECT (SELECT count(*) FROM inserted) AS inserted,
        coalesce((SELECT array_agg(u.user_id) FROM upserted u), '{}') AS user_ids,
        coalesce((SELECT array_agg(u.date) FROM upserted u), '{}') AS dates,
        coalesce((SELECT array_agg(u.request_count) FROM upserted u), '{}') AS requests,
        coalesce((SELECT array_agg(u.units) FROM upserted u), '{}') AS units,
-       coalesce((SELECT array_agg(u.errors) FROM upserted u), '{}') AS errors
+       coalesce((SELECT array_agg(u.errors) FROM upserted u), '{}') AS errors,
+       coalesce((SELECT array_agg(u.throttled) FROM upserted u), '{}') AS throttled
 """
 
 
@@ -156,13 +160,14 @@ class UsageWriter:
             row = await conn.fetchrow(INSERT_AND_AGGREGATE)
         assert row is not None
         totals = [
-            DailyTotal(u, d, r, n, x)
-            for u, d, r, n, x in zip(
+            DailyTotal(u, d, r, n, x, t)
+            for u, d, r, n, x, t in zip(
                 row["user_ids"],
                 row["dates"],
                 row["requests"],
                 row["units"],
                 row["errors"],
+                row["throttled"],
                 strict=True,
             )
         ]

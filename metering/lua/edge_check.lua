@@ -94,7 +94,9 @@ local function check(prefix, key_hash, ip_hex, day, anon_per_day, fails_per_min)
 
   -- 6. daily quota from the counters the stream keeps (committed usage)
   local quota = id.daily_quota
-  local used = tonumber(redis.call('HGET', prefix .. ':usage:' .. id.user_id .. ':' .. day, 'requests') or '0')
+  -- quota use = requests served: answered-429 requests do not count
+  local counts = redis.call('HMGET', prefix .. ':usage:' .. id.user_id .. ':' .. day, 'requests', 'throttled')
+  local used = tonumber(counts[1] or '0') - tonumber(counts[2] or '0')
   if quota ~= cjson.null and quota ~= nil then
     if used >= quota then
       return {'quota_exceeded', raw, limit, remaining, reset, 0, used, quota}

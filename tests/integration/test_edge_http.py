@@ -217,10 +217,14 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
     assert r.status_code == 200 and r.headers["X-Quota-Warning"].startswith("80%")
     assert r.headers["X-Quota-Remaining"] == "200"
-    await counters.publish([DailyTotal(quota_user.id, today, 1000, 1000, 0)])
+    await counters.publish([DailyTotal(quota_user.id, today, 1000, 1000, 0, 0)])
     r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
     assert r.status_code == 429 and r.json()["error"] == "quota_exceeded"
     assert int(r.headers["Retry-After"]) <= 86400
+    # requests that were answered 429 do not use up the quota
+    await counters.publish([DailyTotal(quota_user.id, today, 1100, 1000, 100, 101)])
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
+    assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "1"
 
     # 429 after 5 failed authentications from one address, even with a good key
     attacker = next_ip()

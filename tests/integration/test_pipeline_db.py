@@ -212,3 +212,23 @@ async def test_counters_never_move_backwards(redis_client, redis_prefix):
     assert t is not None and (t.requests, t.units, t.errors) == (10, 12, 1)
     ttl = await redis_client.ttl(counters.key(user, day))
     assert 0 < ttl <= 3 * 86400
+
+
+async def test_throttled_requests_are_counted_apart(pipeline, db, redis_client, redis_prefix):
+    user = uuid.uuid4()
+    now = datetime.now(UTC)
+    events = [
+        event(user, now),
+        event(user, now, status_code=429),
+        event(user, now, status_code=404),
+    ]
+    await pipeline.process(raw(events))
+    row = await db.fetchrow(
+        "SELECT request_count, client_error_count, throttled_count FROM daily_usage"
+    )
+    assert tuple(row) == (3, 2, 1)
+    t = await UsageCounters(redis=redis_client, prefix=redis_prefix).get(user, now.date())
+    assert t is not None and (t.requests, t.errors, t.throttled) == (3, 2, 1)
+    # the quota function counts served requests only
+    assert await db.fetchval("SELECT check_quota_exceeded($1, 2)", user) is True
+    assert await db.fetchval("SELECT check_quota_exceeded($1, 3)", user) is False
