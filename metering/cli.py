@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="malformed records to send (they must reach the DLQ)",
     )
     sim.add_argument("--seed", type=int, help="random seed")
+    sim.add_argument(
+        "--http",
+        metavar="URL",
+        help="send real HTTP requests to a metered app (examples/edge_app.py) "
+        "instead of publishing events directly",
+    )
 
     usage = sub.add_parser("usage", help="daily usage from PostgreSQL, with the Redis counters")
     usage.add_argument("--user", type=_uuid, help="only this user id")
@@ -313,12 +319,29 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from metering.topics import ensure_topics
 
     console = Console()
+    if args.http and not args.http.startswith(("http://", "https://")):
+        raise InputError(f"--http needs an http:// URL, got {args.http!r}")
 
-    async def go() -> simulate.SimReport:
+    def progress_bar() -> Progress:
+        return Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        )
+
+    async def go() -> tuple[simulate.SimReport | None, simulate.HttpReport | None]:
         await ensure_topics(settings)
         conn = await connect(settings.database_url)
         try:
             users = await simulate.ensure_users(conn, args.users)
+            user_keys = (
+                await simulate.issue_keys(conn, users, settings.key_pepper.encode() or None)
+                if args.http
+                else {}
+            )
         finally:
             await conn.close()
         producer = UsageProducer(
@@ -326,16 +349,21 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         )
         await producer.start()
         try:
-            with Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                disable=not console.is_terminal,
-            ) as bar:
+            with progress_bar() as bar:
                 task = bar.add_task("sending", total=args.events)
-                return await simulate.run(
+                if args.http:
+                    http = await simulate.run_http(
+                        args.http.rstrip("/"),
+                        users,
+                        user_keys,
+                        requests=args.events,
+                        rate=args.rate,
+                        seed=args.seed,
+                        progress=lambda n: bar.advance(task, n),
+                    )
+                    sim = await simulate.run(producer, users, events=0, bad_records=args.bad)
+                    return sim, http
+                sim = await simulate.run(
                     producer,
                     users,
                     events=args.events,
@@ -345,10 +373,26 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
                     seed=args.seed,
                     progress=lambda n: bar.advance(task, n),
                 )
+                return sim, None
         finally:
             await producer.stop()
 
-    report = asyncio.run(go())
+    report, http = asyncio.run(go())
+    assert report is not None
+    if http is not None:
+        rate = http.sent / http.seconds if http.seconds else 0.0
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(http.statuses.items()))
+        console.print(
+            f"sent {http.sent} requests to {args.http} in {http.seconds:.1f}s "
+            f"({rate:,.0f}/s); responses {codes}"
+        )
+        for email, n in sorted(http.per_user.items(), key=lambda kv: -kv[1]):
+            console.print(f"  {email:<28} {n:>8}")
+        if report.sent_bad:
+            console.print(
+                f"plus {report.sent_bad} malformed records published to {settings.events_topic}"
+            )
+        return 0
     rate = report.sent_valid / report.seconds if report.seconds else 0.0
     console.print(
         f"sent {report.sent_valid} events ({report.sent_duplicates} duplicate re-sends, "

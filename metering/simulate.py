@@ -170,3 +170,113 @@ async def run(
     report.dropped = producer.stats.dropped
     report.seconds = time.perf_counter() - started
     return report
+
+
+# -- real HTTP through a metered edge (the example app) ------------------------
+
+# (method, path, weight, scope needed)
+HTTP_ROUTES = [
+    ("GET", "/v1/search?q=shoes", 45, None),
+    ("GET", "/v1/items/{id}", 30, "items:read"),
+    ("POST", "/v1/items", 10, "items:write"),
+    ("POST", "/v1/batch", 5, "items:write"),
+    ("GET", "/public/status", 10, None),
+]
+
+
+@dataclass(slots=True)
+class HttpReport:
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    per_user: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+async def issue_keys(
+    conn: asyncpg.Connection, users: list[SimUser], pepper: bytes | None
+) -> dict[uuid.UUID, str]:
+    """One key per simulated user (kept in memory only); every other user lacks items:write."""
+    from metering.db import accounts
+
+    out = {}
+    for i, u in enumerate(users):
+        scopes = ["items:read", "items:write"] if i % 2 == 0 else ["items:read"]
+        new, _ = await accounts.create_key(
+            conn, user=u.id, pepper=pepper, name="simulate", scopes=scopes
+        )
+        out[u.id] = new.plaintext
+    return out
+
+
+async def run_http(
+    base_url: str,
+    users: list[SimUser],
+    user_keys: dict[uuid.UUID, str],
+    *,
+    requests: int,
+    rate: float | None = None,
+    concurrency: int = 32,
+    bad_key_ratio: float = 0.02,
+    seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> HttpReport:
+    """Send realistic traffic to a metered app; client IPs go in X-Forwarded-For
+    (start the app with METERING_TRUSTED_PROXIES=127.0.0.1/32)."""
+    import httpx
+
+    from metering.keys import generate
+
+    rng = random.Random(seed)
+    weights = [u.weight for u in users]
+    report = HttpReport()
+    queue: asyncio.Queue[tuple[str, str, dict[str, str], str | None] | None] = asyncio.Queue(
+        maxsize=concurrency * 4
+    )
+    fake_key = generate().plaintext  # well-formed, never issued: 401
+    attacker_ip = "192.0.2.66"
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while (item := await queue.get()) is not None:
+            method, path, headers, email = item
+            try:
+                r = await client.request(method, base_url + path, headers=headers)
+                report.statuses[r.status_code] += 1
+            except httpx.HTTPError:
+                report.statuses[0] += 1
+            if email:
+                report.per_user[email] += 1
+            if progress:
+                progress(1)
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(
+        timeout=10, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
+        tasks = [asyncio.create_task(worker(client)) for _ in range(concurrency)]
+        for i in range(requests):
+            method, path, _, _ = rng.choices(HTTP_ROUTES, [r[2] for r in HTTP_ROUTES])[0]
+            path = path.replace("{id}", str(rng.randint(1, 500)))
+            if rng.random() < bad_key_ratio:
+                headers = {"X-API-Key": fake_key, "X-Forwarded-For": attacker_ip}
+                email = None
+            elif path.startswith("/public"):
+                headers = {"X-Forwarded-For": f"198.51.100.{rng.randint(1, 254)}"}
+                email = None
+            else:
+                user = rng.choices(users, weights)[0]
+                headers = {
+                    "Authorization": f"Bearer {user_keys[user.id]}",
+                    "X-Forwarded-For": rng.choice(user.client_ips),
+                }
+                email = user.email
+            await queue.put((method, path, headers, email))
+            report.sent += 1
+            if rate:
+                ahead = (i + 1) / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        for _ in tasks:
+            await queue.put(None)
+        await asyncio.gather(*tasks)
+    report.seconds = time.perf_counter() - started
+    return report
