@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -142,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.edge", description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds, plain and metered alternating")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    if args.seconds <= 0 or args.rate <= 0:
-        ap.error("--seconds and --rate must be > 0")
+    if args.seconds <= 0 or args.rate <= 0 or args.repeat < 1:
+        ap.error("--seconds and --rate must be > 0, --repeat >= 1")
 
     base = Settings.from_env()
     tag = f"{datetime.now(UTC):%Y%m%d%H%M%S}_{uuid.uuid4().hex[:6]}"
@@ -176,35 +178,46 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     for f in s.__dataclass_fields__:
         env[f"METERING_{f.upper()}"] = str(getattr(s, f))
-    results: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {"without middleware": [], "with middleware": []}
     try:
-        for name, factory, k in (
-            ("without middleware", "plain", None),
-            ("with middleware", "metered", key),
-        ):
-            port = free_port()
-            proc = start_server(factory, port, env)
-            try:
-                attack(port, k, rate=0, seconds=1, workers=8)  # warm-up (fills the key cache)
-                top = attack(port, k, rate=0, seconds=args.seconds, workers=32)["achieved_rps"]
-                st = attack(port, k, rate=args.rate, seconds=args.seconds)
-            finally:
-                stop_server(proc)
-            results[name] = {"max_rps": top, **st}
-            print(
-                f"{name:<20} max {top:>7,.0f} req/s | at {args.rate:,.0f} req/s: "
-                f"p50 {st['p50_ms']:.2f} ms  p90 {st['p90_ms']:.2f} ms  p99 {st['p99_ms']:.2f} ms  "
-                f"max {st['max_ms']:.2f} ms  ({st['achieved_rps']:,.0f} req/s achieved, "
-                f"{100 * st['success']:.1f}% 2xx)",
-                flush=True,
-            )
-        a, b = results["without middleware"], results["with middleware"]
+        for round_ in range(1, args.repeat + 1):
+            for name, factory, k in (
+                ("without middleware", "plain", None),
+                ("with middleware", "metered", key),
+            ):
+                port = free_port()
+                proc = start_server(factory, port, env)
+                try:
+                    attack(port, k, rate=0, seconds=1, workers=8)  # warm-up (fills the key cache)
+                    top = attack(port, k, rate=0, seconds=args.seconds, workers=32)["achieved_rps"]
+                    st = attack(port, k, rate=args.rate, seconds=args.seconds)
+                finally:
+                    stop_server(proc)
+                runs[name].append({"max_rps": top, **st})
+                print(
+                    f"round {round_} {name:<20} max {top:>7,.0f} req/s | at {args.rate:,.0f} req/s: "
+                    f"p50 {st['p50_ms']:.2f} ms  p90 {st['p90_ms']:.2f} ms  p99 {st['p99_ms']:.2f} ms  "
+                    f"max {st['max_ms']:.2f} ms  ({st['achieved_rps']:,.0f} req/s, "
+                    f"{100 * st['success']:.1f}% 2xx)",
+                    flush=True,
+                )
+        med = {
+            name: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
+            for name, rs in runs.items()
+        }
+        a, b = med["without middleware"], med["with middleware"]
+        p99_deltas = [
+            m["p99_ms"] - p["p99_ms"]
+            for p, m in zip(runs["without middleware"], runs["with middleware"], strict=True)
+        ]
         print(
-            f"middleware adds: p50 {b['p50_ms'] - a['p50_ms']:+.2f} ms, p99 {b['p99_ms'] - a['p99_ms']:+.2f} ms "
-            f"at {args.rate:,.0f} req/s; max throughput {b['max_rps'] / a['max_rps']:.2f}x of plain"
+            f"median of {args.repeat}: middleware adds p50 {b['p50_ms'] - a['p50_ms']:+.2f} ms, "
+            f"p99 {b['p99_ms'] - a['p99_ms']:+.2f} ms at {args.rate:,.0f} req/s "
+            f"(per round: {', '.join(f'{d:+.2f}' for d in p99_deltas)} ms); "
+            f"max throughput {b['max_rps']:,.0f} vs {a['max_rps']:,.0f} req/s ({b['max_rps'] / a['max_rps']:.2f}x)"
         )
         if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+            args.json.write_text(json.dumps({"runs": runs, "median": med}, indent=2))
     finally:
         asyncio.run(drop_db(base, db_name))
     return 0

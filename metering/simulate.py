@@ -68,7 +68,7 @@ class SimReport:
 
 
 async def ensure_users(conn: asyncpg.Connection, count: int) -> list[SimUser]:
-    tiers = ["free", "pro", "enterprise"]
+    tiers = ["enterprise", "pro", "free"]  # the busiest simulated user gets the biggest tier
     users: list[SimUser] = []
     for i in range(count):
         email = f"sim-user-{i + 1}@example.com"
