@@ -43,6 +43,10 @@ def free_port() -> int:
 
 
 VEGETA_VERSION = "v12.12.0"
+# The server and the load tool on different cores, so neither steals the
+# other's CPU (Redis and Kafka float); taskset is in util-linux.
+PIN_SERVER: list[str] = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+PIN_CLIENT: list[str] = ["taskset", "-c", "1"] if shutil.which("taskset") else []
 
 
 def vegeta() -> str:
@@ -71,6 +75,7 @@ def attack(
     """rate > 0: open loop at that rate; rate == 0: as fast as `workers` connections go."""
     target = f"GET http://127.0.0.1:{port}/ping\n" + (f"X-API-Key: {key}\n" if key else "")
     cmd = [
+        *PIN_CLIENT,
         vegeta(),
         "attack",
         f"-rate={rate:g}/s" if rate else "-rate=0",
@@ -100,6 +105,7 @@ def attack(
 def start_server(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [
+            *PIN_SERVER,
             sys.executable,
             "-m",
             "uvicorn",

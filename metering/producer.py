@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from metering.errors import InvalidEventError
 from metering.events import MAX_RECORD_BYTES, UsageEvent
@@ -62,6 +64,7 @@ class UsageProducer:
         self._max_backoff = max_backoff_s
         self._kafka: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._partitioner = DefaultPartitioner()
         self._closing = False
         self.stats = ProducerStats()
 
@@ -147,45 +150,79 @@ class UsageProducer:
 
     async def _run(self) -> None:
         self._kafka = await self._connect()
-        pending: set[asyncio.Future[object]] = set()
         while True:
-            item = await self._queue.get()
-            batch = [item]
-            while len(batch) < 5000:
+            items = [await self._queue.get()]
+            while len(items) < 10_000:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            for key, value in batch:
-                fut = await self._send(key, value)
-                pending.add(fut)
-                fut.add_done_callback(pending.discard)
+            await self._send_all(items)
 
-    async def _send(self, key: bytes, value: bytes | None) -> asyncio.Future[object]:
+    async def _send_all(self, items: list[_Item]) -> None:
+        """Partition like the Java client (murmur2 of the key) and hand aiokafka
+        whole record batches: far less CPU per event than one send() each."""
         assert self._kafka is not None
         delay = self._backoff
         while True:
             try:
-                fut = await self._kafka.send(self._topic, value=value, key=key)
+                partitions = sorted(await self._kafka.partitions_for(self._topic))
+                break
+            except KafkaError as exc:
+                self.stats.send_errors += 1
+                log.warning("Kafka metadata unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+        by_partition: dict[int, list[_Item]] = {}
+        for item in items:
+            p = self._partitioner(item[0], partitions, partitions)
+            by_partition.setdefault(p, []).append(item)
+        for partition, group in by_partition.items():
+            while group:
+                batch = self._kafka.create_batch()
+                n = 0
+                for key, value in group:
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        break
+                    n += 1
+                if n == 0:  # a single record larger than a batch: cannot be sent
+                    self.stats.dropped += 1
+                    self.stats.send_errors += 1
+                    log.error(
+                        "usage event of %d bytes exceeds the batch size", len(group[0][1] or b"")
+                    )
+                    self._queue.task_done()
+                    group = group[1:]
+                    continue
+                sent, group = group[:n], group[n:]
+                await self._send_batch(batch, partition, sent)
+
+    async def _send_batch(self, batch: Any, partition: int, items: list[_Item]) -> None:
+        assert self._kafka is not None
+        delay = self._backoff
+        while True:
+            try:
+                fut = await self._kafka.send_batch(batch, self._topic, partition=partition)
                 break
             except KafkaError as exc:
                 self.stats.send_errors += 1
                 log.warning("Kafka send failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
-        fut.add_done_callback(lambda f, k=key, v=value: self._delivered(f, k, v))
-        return fut
+        fut.add_done_callback(lambda f: self._delivered(f, items))
 
-    def _delivered(self, fut: asyncio.Future[object], key: bytes, value: bytes | None) -> None:
+    def _delivered(self, fut: asyncio.Future[object], items: list[_Item]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             # aiokafka already retried within its delivery timeout; keep the
-            # event and try again later rather than lose it.
-            self.stats.retried += 1
+            # events and try again later rather than lose them.
+            self.stats.retried += len(items)
             self.stats.send_errors += 1
-            try:
-                self._queue.put_nowait((key, value))
-            except asyncio.QueueFull:
-                self.stats.dropped += 1
+            for item in items:
+                try:
+                    self._queue.put_nowait(item)
+                except asyncio.QueueFull:
+                    self.stats.dropped += 1
         else:
-            self.stats.sent += 1
-        self._queue.task_done()
+            self.stats.sent += len(items)
+        for _ in items:
+            self._queue.task_done()
