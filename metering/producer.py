@@ -65,6 +65,8 @@ class UsageProducer:
         self._kafka: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._partitioner = DefaultPartitioner()
+        self._partition_of: dict[bytes, int] = {}  # murmur2 is pure Python: remember it per key
+        self._partition_count = 0
         self._closing = False
         self.stats = ProducerStats()
 
@@ -173,9 +175,18 @@ class UsageProducer:
                 log.warning("Kafka metadata unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
+        if len(partitions) != self._partition_count:  # topic grew: keys move
+            self._partition_of.clear()
+            self._partition_count = len(partitions)
         by_partition: dict[int, list[_Item]] = {}
+        cache = self._partition_of
         for item in items:
-            p = self._partitioner(item[0], partitions, partitions)
+            p = cache.get(item[0])
+            if p is None:
+                p = self._partitioner(item[0], partitions, partitions)
+                if len(cache) >= 100_000:
+                    cache.clear()
+                cache[item[0]] = p
             by_partition.setdefault(p, []).append(item)
         for partition, group in by_partition.items():
             while group:
