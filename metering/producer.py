@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -29,6 +30,7 @@ from metering.events import MAX_RECORD_BYTES, UsageEvent
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _Item = tuple[bytes, bytes | None]  # (key, value); None is a tombstone
 
 
@@ -164,17 +166,11 @@ class UsageProducer:
     async def _send_all(self, items: list[_Item]) -> None:
         """Partition like the Java client (murmur2 of the key) and hand aiokafka
         whole record batches: far less CPU per event than one send() each."""
-        assert self._kafka is not None
-        delay = self._backoff
-        while True:
-            try:
-                partitions = sorted(await self._kafka.partitions_for(self._topic))
-                break
-            except KafkaError as exc:
-                self.stats.send_errors += 1
-                log.warning("Kafka metadata unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_backoff)
+        kafka = self._kafka
+        assert kafka is not None
+        partitions = sorted(
+            await self._until_sent("Kafka metadata", lambda: kafka.partitions_for(self._topic))
+        )
         if len(partitions) != self._partition_count:  # topic grew: keys move
             self._partition_of.clear()
             self._partition_count = len(partitions)
@@ -190,7 +186,7 @@ class UsageProducer:
             by_partition.setdefault(p, []).append(item)
         for partition, group in by_partition.items():
             while group:
-                batch = self._kafka.create_batch()
+                batch = kafka.create_batch()
                 n = 0
                 for key, value in group:
                     if batch.append(key=key, value=value, timestamp=None) is None:
@@ -209,18 +205,24 @@ class UsageProducer:
                 await self._send_batch(batch, partition, sent)
 
     async def _send_batch(self, batch: Any, partition: int, items: list[_Item]) -> None:
-        assert self._kafka is not None
+        kafka = self._kafka
+        assert kafka is not None
+        fut = await self._until_sent(
+            "Kafka send", lambda: kafka.send_batch(batch, self._topic, partition=partition)
+        )
+        fut.add_done_callback(lambda f: self._delivered(f, items))
+
+    async def _until_sent(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Retry a Kafka call with capped backoff until it goes through."""
         delay = self._backoff
         while True:
             try:
-                fut = await self._kafka.send_batch(batch, self._topic, partition=partition)
-                break
+                return await attempt()
             except KafkaError as exc:
                 self.stats.send_errors += 1
-                log.warning("Kafka send failed (%s); retrying in %.1fs", exc, delay)
+                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
-        fut.add_done_callback(lambda f: self._delivered(f, items))
 
     def _delivered(self, fut: asyncio.Future[object], items: list[_Item]) -> None:
         if fut.cancelled() or fut.exception() is not None:
