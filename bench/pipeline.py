@@ -67,8 +67,17 @@ async def create_db(base: Settings, name: str) -> str:
 
 async def drop_db(base: Settings, name: str) -> None:
     admin = await asyncpg.connect(base.database_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
+    try:
+        for attempt in range(40):  # an autovacuum worker may hold it for a moment
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
+                if attempt == 39:
+                    raise
+                await asyncio.sleep(0.25)
+    finally:
+        await admin.close()
 
 
 async def preload(s: Settings, n: int, users: int, seed: int) -> int:

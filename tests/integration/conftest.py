@@ -30,6 +30,23 @@ def db_url(name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+async def drop_database(name: str) -> None:
+    """DROP ... WITH (FORCE), retried: an autovacuum worker (a superuser
+    process the test role may not terminate) can hold the database briefly."""
+    admin = await asyncpg.connect(BASE.database_url, timeout=10)
+    try:
+        for attempt in range(40):
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
+                if attempt == 39:
+                    raise
+                await asyncio.sleep(0.25)
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="session")
 def services() -> Settings:
     state = stack.status(BASE)
@@ -46,9 +63,9 @@ def services() -> Settings:
 @pytest.fixture(scope="session")
 async def template_db(services: Settings) -> str:
     """A database with every migration applied, cloned for each test."""
+    await drop_database(TEMPLATE_DB)
     admin = await asyncpg.connect(BASE.database_url, timeout=10)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
     finally:
         await admin.close()
@@ -69,11 +86,7 @@ async def database_url(template_db: str) -> AsyncIterator[str]:
     finally:
         await admin.close()
     yield db_url(name)
-    admin = await asyncpg.connect(BASE.database_url, timeout=10)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop_database(name)
 
 
 @pytest.fixture

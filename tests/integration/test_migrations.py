@@ -13,7 +13,7 @@ import pytest
 from metering.db.migrate import SQL_DIR, load, maintain_partitions, migrate
 from metering.db.partitions import month_partition
 from metering.errors import MigrationError
-from tests.integration.conftest import BASE, db_url
+from tests.integration.conftest import BASE, db_url, drop_database
 
 
 @pytest.fixture
@@ -23,9 +23,7 @@ async def empty_db(services):
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     yield db_url(name)
-    admin = await asyncpg.connect(BASE.database_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
+    await drop_database(name)
 
 
 async def test_migrations_build_the_schema_and_rerun_as_noop(empty_db):
