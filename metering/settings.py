@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from metering.errors import ConfigurationError
@@ -43,7 +43,8 @@ class Settings:
     redis_key_prefix: str = "metering"
 
     # edge: keys, limits, quotas
-    key_pepper: str = ""  # HMAC pepper for key hashes; changing it invalidates every key
+    # HMAC pepper for key hashes; changing it invalidates every key. Kept out of repr().
+    key_pepper: str = field(default="", repr=False)
     key_cache_ttl_s: int = 60  # verified identities cached in Redis
     negative_cache_ttl_s: int = 30  # unknown keys cached in Redis
     rotation_grace_hours: float = 24.0

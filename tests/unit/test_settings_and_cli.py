@@ -61,3 +61,9 @@ def test_bad_environment_is_one_line_exit_1():
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0
     assert "METERING_REDIS_URL" in proc.stderr
+
+
+def test_the_pepper_never_shows_in_repr():
+    s = Settings.from_env({"METERING_KEY_PEPPER": "pepper-value"})
+    assert s.key_pepper == "pepper-value"
+    assert "pepper-value" not in repr(s)
