@@ -167,7 +167,12 @@ class EdgeGuard:
             result = await self._eval(args)
             if result[0] == b"miss":
                 self.stats.cache_misses += 1
-                await self._fill_cache(key_hash)
+                try:
+                    await self._fill_cache(key_hash)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as db_exc:
+                    # Redis works but the key cannot be looked up: say "try again".
+                    log.error("PostgreSQL unavailable for a key lookup (%s): 503", db_exc)
+                    return Decision(503, "unavailable", headers=[("Retry-After", "5")])
                 result = await self._eval(args)
         except (RedisError, OSError) as exc:
             return await self._redis_down(exc, key_hash, client_ip)
@@ -218,6 +223,8 @@ class EdgeGuard:
             return Decision(None, "ok" if code == "ok" else "anonymous", identity, headers)
         if code == "unauthorized":
             return Decision(401, "unauthorized")
+        if code == "miss":  # the entry vanished between fill and check (eviction)
+            return Decision(503, "unavailable", headers=[("Retry-After", "1")])
         if code == "forbidden_ip":
             return Decision(403, "forbidden_ip", identity)
         if code in ("rate_limited", "quota_exceeded"):

@@ -276,7 +276,9 @@ class MeteringEdge:
         app.add_middleware(MeteringMiddleware, guard=edge.guard, producer=edge.producer)
 
     ``guard`` and ``producer`` exist from construction (so the middleware can
-    be added before start); their connections open in ``start()``.
+    be added before start). Nothing in ``start()`` needs PostgreSQL, Redis or
+    Kafka to be up: the app starts and serves cached keys while any of them is
+    down (the database pool connects on first use, the producer retries).
     """
 
     def __init__(self, settings: Any) -> None:
@@ -288,7 +290,7 @@ class MeteringEdge:
             settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
         )
         self._pool_factory = lambda: asyncpg.create_pool(
-            settings.database_url, min_size=1, max_size=4, server_settings={"timezone": "UTC"}
+            settings.database_url, min_size=0, max_size=4, server_settings={"timezone": "UTC"}
         )
         self._pool: Any = None
         self.producer = UsageProducer(

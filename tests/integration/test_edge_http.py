@@ -358,6 +358,25 @@ async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_se
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
 
 
+async def test_database_down_cached_keys_work_uncached_get_503(servers, client, db, edge_settings):
+    user = await make_user(db, "pro")
+    warm_key, _ = await make_key(db, user)
+    cold_key, _ = await make_key(db, user)
+    ip = next_ip()
+    good = await servers()
+    assert (await client.get(f"{good.url}/v1/search", headers=hdr(warm_key, ip))).status_code == 200
+    fields = {f: getattr(edge_settings, f) for f in edge_settings.__dataclass_fields__}
+    no_db = await servers(
+        Settings(**{**fields, "database_url": "postgresql://metering:metering@127.0.0.1:1/none"})
+    )
+    # the identity is in Redis: no database needed
+    assert (
+        await client.get(f"{no_db.url}/v1/search", headers=hdr(warm_key, ip))
+    ).status_code == 200
+    r = await client.get(f"{no_db.url}/v1/search", headers=hdr(cold_key, ip))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+
+
 async def test_events_for_every_request_land_in_usage_logs(
     servers, client, db, kafka_settings, worker_factory
 ):
