@@ -164,22 +164,31 @@ class MeteringMiddleware:
                 return values[0]
         return None
 
+    def _trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in n for n in self.trusted)
+
     def _client_ip(self, scope: Scope) -> str:
+        """The peer, or behind trusted proxies the nearest untrusted X-Forwarded-For hop.
+
+        Walks the header from the right (each proxy appends what it saw), so a
+        client cannot pick its address by sending its own X-Forwarded-For."""
         client = scope.get("client")
         peer = client[0] if client else "0.0.0.0"
-        if self.trusted:
-            try:
-                trusted_peer = any(ipaddress.ip_address(peer) in n for n in self.trusted)
-            except ValueError:
-                trusted_peer = False
-            if trusted_peer:
-                for name, value in scope.get("headers", []):
-                    if name == b"x-forwarded-for":
-                        first = value.decode("latin-1").split(",")[0].strip()
-                        try:
-                            return str(ipaddress.ip_address(first))
-                        except ValueError:
-                            break
+        if not self.trusted or not self._trusted(peer):
+            return peer
+        hops: list[str] = []
+        for name, value in scope.get("headers", []):
+            if name == b"x-forwarded-for":
+                hops += [h.strip() for h in value.decode("latin-1").split(",")]
+        for hop in reversed(hops):
+            if not is_ip(hop):
+                break
+            if not self._trusted(hop):
+                return hop
         return peer
 
     def _emit(
