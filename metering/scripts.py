@@ -44,28 +44,41 @@ class CoalescingScript:
             self._pending.append((call, fut))
             return await fut
         # Lead: give the other tasks ready in this tick one chance to join, then
-        # send everything gathered as one pipeline and hand out the answers.
+        # send everything gathered as one script call and hand out the answers.
         self._pending = []
         try:
             await asyncio.sleep(0)
         finally:
-            followers, self._pending = self._pending, None
-        try:
-            results = await self._pipeline([call, *(c for c, _ in followers)])
-        except BaseException as exc:
-            for _, f in followers:
-                if not f.done():
-                    f.set_exception(exc)
-            raise
-        for (_, f), res in zip(followers, results[1:], strict=True):
-            if not f.done():
-                if isinstance(res, Exception):
-                    f.set_exception(res)
-                else:
-                    f.set_result(res)
+            batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]] = [
+                (call, None),
+                *self._pending,
+            ]
+            self._pending = None
+            # In its own task: cancelling the leader must not strand the followers.
+            sent = asyncio.ensure_future(self._send(batch))
+        results = await asyncio.shield(sent)
         if isinstance(results[0], Exception):
             raise results[0]
         return results[0]
+
+    async def _send(
+        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]]
+    ) -> list[Any]:
+        try:
+            results = await self._pipeline([c for c, _ in batch])
+        except BaseException as exc:
+            for _, f in batch:
+                if f is not None and not f.done():
+                    f.set_exception(exc)
+            raise
+        for (_, f), res in zip(batch, results, strict=True):
+            if f is None or f.done():
+                continue
+            if isinstance(res, Exception):
+                f.set_exception(res)
+            else:
+                f.set_result(res)
+        return results
 
     async def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """All calls in one EVALSHA: ARGV = count, then each call's arguments."""

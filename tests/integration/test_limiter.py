@@ -35,3 +35,12 @@ async def test_concurrent_checks_share_one_round_trip(redis_client, redis_prefix
     results = await asyncio.gather(*(limiter.hit("c", limit=50, period_s=60) for _ in range(64)))
     assert limiter.round_trips - before == 1
     assert sum(r.allowed for r in results) == 50  # exactly the limit, even when concurrent
+
+
+async def test_a_cancelled_caller_does_not_strand_the_others(redis_client, redis_prefix):
+    limiter = RateLimiter(redis_client, prefix=redis_prefix)
+    tasks = [asyncio.create_task(limiter.hit(f"x{i}", limit=5, period_s=60)) for i in range(8)]
+    await asyncio.sleep(0)  # all eight have joined the first caller's batch
+    tasks[0].cancel()  # the leader
+    done = await asyncio.wait_for(asyncio.gather(*tasks[1:]), timeout=5)
+    assert all(r.allowed for r in done)
