@@ -49,14 +49,14 @@ class CoalescingScript:
         try:
             await asyncio.sleep(0)
         finally:
-            batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]] = [
-                (call, None),
-                *self._pending,
-            ]
-            self._pending = None
-            # In its own task: cancelling the leader must not strand the followers.
-            sent = asyncio.ensure_future(self._send(batch))
-        results = await asyncio.shield(sent)
+            followers, self._pending = self._pending, None
+            if followers:
+                # In its own task: cancelling the leader must not strand the followers.
+                sent = asyncio.ensure_future(self._send([(call, None), *followers]))
+        if not followers:  # alone this tick (the common case at low load): no extra task
+            results = await self._pipeline([call])
+        else:
+            results = await asyncio.shield(sent)
         if isinstance(results[0], Exception):
             raise results[0]
         return results[0]
