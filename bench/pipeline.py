@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
+from metering.db.admin import database_url, drop_database
 from metering.db.migrate import migrate
 from metering.db.usage import to_row
 from metering.events import decode
@@ -48,17 +49,12 @@ from metering.simulate import SimUser, make_event
 from metering.topics import ensure_topics
 
 
-def _db_url(base: str, name: str) -> str:
-    head, _, _ = base.rpartition("/")
-    return f"{head}/{name}"
-
-
 async def create_db(base: Settings, name: str) -> str:
     admin = await asyncpg.connect(base.database_url)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    url = _db_url(base.database_url, name)
+    url = database_url(base.database_url, name)
     conn = await asyncpg.connect(url)
     await migrate(conn)
     await conn.close()
@@ -66,18 +62,7 @@ async def create_db(base: Settings, name: str) -> str:
 
 
 async def drop_db(base: Settings, name: str) -> None:
-    admin = await asyncpg.connect(base.database_url)
-    try:
-        for attempt in range(40):  # an autovacuum worker may hold it for a moment
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                return
-            except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
-                if attempt == 39:
-                    raise
-                await asyncio.sleep(0.25)
-    finally:
-        await admin.close()
+    await drop_database(base.database_url, name)
 
 
 async def preload(s: Settings, n: int, users: int, seed: int) -> int:

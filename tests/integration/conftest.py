@@ -10,13 +10,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from metering import stack
+from metering.db import admin as db_admin
 from metering.db.migrate import migrate
 from metering.settings import Settings
 from metering.topics import ensure_topics
@@ -26,25 +26,11 @@ TEMPLATE_DB = "metering_test_template"
 
 
 def db_url(name: str) -> str:
-    parts = urlsplit(BASE.database_url)
-    return urlunsplit(parts._replace(path="/" + name))
+    return db_admin.database_url(BASE.database_url, name)
 
 
 async def drop_database(name: str) -> None:
-    """DROP ... WITH (FORCE), retried: an autovacuum worker (a superuser
-    process the test role may not terminate) can hold the database briefly."""
-    admin = await asyncpg.connect(BASE.database_url, timeout=10)
-    try:
-        for attempt in range(40):
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                return
-            except (asyncpg.InsufficientPrivilegeError, asyncpg.ObjectInUseError):
-                if attempt == 39:
-                    raise
-                await asyncio.sleep(0.25)
-    finally:
-        await admin.close()
+    await db_admin.drop_database(BASE.database_url, name)
 
 
 @pytest.fixture(scope="session")
