@@ -154,8 +154,14 @@ class UsageProducer:
 
     async def _run(self) -> None:
         self._kafka = await self._connect()
+        linger = self._linger_ms / 1000
         while True:
             items = [await self._queue.get()]
+            # Let a batch gather: one produce request per linger period instead
+            # of one per event at low rates (aiokafka's own linger does not
+            # apply to batches handed over whole).
+            if linger and not self._closing:
+                await asyncio.sleep(linger)
             while len(items) < 10_000:
                 try:
                     items.append(self._queue.get_nowait())
