@@ -338,7 +338,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         try:
             users = await simulate.ensure_users(conn, args.users)
             user_keys = (
-                await simulate.issue_keys(conn, users, settings.key_pepper.encode() or None)
+                await simulate.issue_keys(conn, users, settings.pepper)
                 if args.http
                 else {}
             )
@@ -608,7 +608,7 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from metering.db import accounts
 
-    pepper = settings.key_pepper.encode() or None
+    pepper = settings.pepper
     if args.action == "create":
         expires = args.expires_at or (
             datetime.now(UTC) + args.expires_in if args.expires_in else None

@@ -308,7 +308,7 @@ class MeteringEdge:
         self.guard = EdgeGuard(
             redis=self._redis,
             pool=_LazyPool(self),
-            pepper=settings.key_pepper.encode() or None,
+            pepper=settings.pepper,
             prefix=settings.redis_key_prefix,
             key_cache_ttl_s=settings.key_cache_ttl_s,
             negative_cache_ttl_s=settings.negative_cache_ttl_s,

@@ -59,6 +59,11 @@ class Settings:
     retention_days: int = 90
     partitions_ahead_months: int = 2
 
+    @property
+    def pepper(self) -> bytes | None:
+        """The key-hash pepper as bytes, or None when none is configured."""
+        return self.key_pepper.encode() or None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``METERING_<FIELD>`` variables, then ``overrides``."""
