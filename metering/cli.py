@@ -255,31 +255,26 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.db import connect
     from metering.db.migrate import maintain_partitions, migrate
 
-    async def go() -> None:
-        conn = await connect(settings.database_url)
-        try:
-            if args.action == "migrate":
-                applied = await migrate(conn)
-                if applied:
-                    for m in applied:
-                        print(f"applied {m.version:04d}_{m.name}")
-                else:
-                    print("database is up to date")
+    async def go(conn: Any) -> None:
+        if args.action == "migrate":
+            applied = await migrate(conn)
+            if applied:
+                for m in applied:
+                    print(f"applied {m.version:04d}_{m.name}")
             else:
-                ensured, dropped = await maintain_partitions(
-                    conn,
-                    months_ahead=settings.partitions_ahead_months,
-                    retention_days=settings.retention_days,
-                )
-                print(f"partitions present: {', '.join(ensured)}")
-                print(f"partitions dropped: {', '.join(dropped) or 'none'}")
-        finally:
-            await conn.close()
+                print("database is up to date")
+        else:
+            ensured, dropped = await maintain_partitions(
+                conn,
+                months_ahead=settings.partitions_ahead_months,
+                retention_days=settings.retention_days,
+            )
+            print(f"partitions present: {', '.join(ensured)}")
+            print(f"partitions dropped: {', '.join(dropped) or 'none'}")
 
-    asyncio.run(go())
+    _with_db(settings, go)
     return 0
 
 
@@ -337,11 +332,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         conn = await connect(settings.database_url)
         try:
             users = await simulate.ensure_users(conn, args.users)
-            user_keys = (
-                await simulate.issue_keys(conn, users, settings.pepper)
-                if args.http
-                else {}
-            )
+            user_keys = await simulate.issue_keys(conn, users, settings.pepper) if args.http else {}
         finally:
             await conn.close()
         producer = UsageProducer(
@@ -407,25 +398,17 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
-    import redis.asyncio as aioredis
     from rich.console import Console
     from rich.table import Table
 
     from metering.counters import UsageCounters
-    from metering.db import connect
     from metering.report import daily_usage
 
-    async def go() -> list[Any]:
-        conn = await connect(settings.database_url)
-        client = aioredis.from_url(settings.redis_url, socket_timeout=5)
-        try:
-            counters = UsageCounters(redis=client, prefix=settings.redis_key_prefix)
-            return await daily_usage(conn, counters, days=args.days, user_id=args.user)
-        finally:
-            await conn.close()
-            await client.aclose()
+    async def go(conn: Any, client: Any) -> list[Any]:
+        counters = UsageCounters(redis=client, prefix=settings.redis_key_prefix)
+        return await daily_usage(conn, counters, days=args.days, user_id=args.user)
 
-    rows = asyncio.run(go())
+    rows = _with_db_and_redis(settings, go)
     table = Table(title=f"daily usage, last {args.days} day(s), UTC")
     columns = ("date", "user", "tier", "requests", "units", "4xx", "429", "5xx", "avg ms", "quota")
     for col in (*columns, "redis"):
@@ -455,26 +438,17 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_counters(args: argparse.Namespace, settings: Settings) -> int:
-    import redis.asyncio as aioredis
-
     from metering.counters import UsageCounters
-    from metering.db import connect
 
-    async def go() -> int:
-        conn = await connect(settings.database_url)
-        client = aioredis.from_url(settings.redis_url, socket_timeout=5)
-        try:
-            counters = UsageCounters(redis=client, prefix=settings.redis_key_prefix)
-            return await counters.rebuild(conn)
-        finally:
-            await conn.close()
-            await client.aclose()
+    async def go(conn: Any, client: Any) -> int:
+        return await UsageCounters(redis=client, prefix=settings.redis_key_prefix).rebuild(conn)
 
-    print(f"rebuilt {asyncio.run(go())} counters from daily_usage")
+    print(f"rebuilt {_with_db_and_redis(settings, go)} counters from daily_usage")
     return 0
 
 
 def _with_db(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``work(conn)`` on one PostgreSQL connection, then close it."""
     from metering.db import connect
 
     async def go() -> Any:
@@ -487,29 +461,38 @@ def _with_db(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
     return asyncio.run(go())
 
 
+def _with_db_and_redis(settings: Settings, work: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    """Run ``work(conn, redis)`` with a PostgreSQL connection and a Redis client."""
+    import redis.asyncio as aioredis
+
+    async def go(conn: Any) -> Any:
+        client = aioredis.from_url(settings.redis_url, socket_timeout=5)
+        try:
+            return await work(conn, client)
+        finally:
+            await client.aclose()
+
+    return _with_db(settings, go)
+
+
 def _refresh(settings: Settings, hashes: list[str]) -> None:
     """Push a key change to every edge now (they would otherwise wait for the cache TTL)."""
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
     from metering.edge import refresh
 
-    async def go(conn: Any) -> None:
-        client = aioredis.from_url(settings.redis_url, socket_timeout=5)
-        try:
-            await refresh(
-                client,
-                conn,
-                hashes,
-                prefix=settings.redis_key_prefix,
-                ttl_s=settings.key_cache_ttl_s,
-                negative_ttl_s=max(300, settings.key_cache_ttl_s * 2),
-            )
-        finally:
-            await client.aclose()
+    async def go(conn: Any, client: Any) -> None:
+        await refresh(
+            client,
+            conn,
+            hashes,
+            prefix=settings.redis_key_prefix,
+            ttl_s=settings.key_cache_ttl_s,
+            negative_ttl_s=max(300, settings.key_cache_ttl_s * 2),
+        )
 
     try:
-        _with_db(settings, go)
+        _with_db_and_redis(settings, go)
     except (RedisError, OSError) as exc:
         print(
             f"metering: warning: Redis unreachable ({exc}); edges will notice within "
