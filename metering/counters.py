@@ -81,20 +81,32 @@ class UsageCounters:
             raise ServiceUnavailable(f"Redis write failed: {exc}") from exc
 
     async def get(self, user_id: UUID | str, day: date) -> DailyTotal | None:
+        return (await self.get_many([(user_id, day)]))[0]
+
+    async def get_many(self, wanted: Sequence[tuple[UUID | str, date]]) -> list[DailyTotal | None]:
+        """Several counters in one round trip (None where Redis has none)."""
+        if not wanted:
+            return []
         try:
-            raw = await self._redis.hgetall(self.key(user_id, day))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user_id, day in wanted:
+                    pipe.hgetall(self.key(user_id, day))
+                raws = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(f"Redis read failed: {exc}") from exc
-        if not raw:
-            return None
-        return DailyTotal(
-            UUID(str(user_id)),
-            day,
-            int(raw[b"requests"]),
-            int(raw[b"units"]),
-            int(raw[b"errors"]),
-            int(raw.get(b"throttled", 0)),
-        )
+        return [
+            DailyTotal(
+                UUID(str(user_id)),
+                day,
+                int(raw[b"requests"]),
+                int(raw[b"units"]),
+                int(raw[b"errors"]),
+                int(raw.get(b"throttled", 0)),
+            )
+            if raw
+            else None
+            for (user_id, day), raw in zip(wanted, raws, strict=True)
+        ]
 
     async def is_synced(self) -> bool:
         try:

@@ -48,9 +48,13 @@ async def daily_usage(
 ) -> list[UsageRow]:
     since = datetime.now(UTC).date() - timedelta(days=days - 1)
     rows = await conn.fetch(DAILY_USAGE, since, user_id)
+    cached_all = (
+        await counters.get_many([(r["user_id"], r["date"]) for r in rows])
+        if counters
+        else [None] * len(rows)
+    )
     out = []
-    for r in rows:
-        cached = await counters.get(r["user_id"], r["date"]) if counters else None
+    for r, cached in zip(rows, cached_all, strict=True):
         out.append(
             UsageRow(
                 r["date"],
