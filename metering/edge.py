@@ -144,6 +144,7 @@ class EdgeGuard:
                 pass
             self._flusher = None
         await self.flush_last_used()
+        await self._script.aclose()
 
     # -- the check -----------------------------------------------------------
 

@@ -35,6 +35,10 @@ class RateLimiter:
     def round_trips(self) -> int:
         return self._script.round_trips
 
+    async def aclose(self) -> None:
+        """Close the limiter's Redis connection (the client passed in stays open)."""
+        await self._script.aclose()
+
     async def hit(self, key: str, *, limit: int, period_s: float, cost: int = 1) -> LimitResult:
         """Consume one request from ``key``'s bucket if it is allowed."""
         return await self._check(key, limit, period_s, cost)

@@ -1,0 +1,145 @@
+"""The request path's lean Redis connection, against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+import uvloop
+from redis.asyncio.connection import Connection
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+
+from metering.resp import RespChannel, pack, supported
+from metering.scripts import CoalescingScript
+from metering.settings import Settings
+
+BASE = Settings.from_env()
+# The CoalescingScript contract: ARGV is the number of calls, then each call's
+# arguments; the reply is one result per call. Here: "<argument>:<calls in batch>".
+ECHO_BATCH = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do out[i] = ARGV[i + 1] .. ':' .. n end
+return out
+"""
+
+
+@pytest.fixture
+async def channel(redis_client):
+    ch = RespChannel(redis_client)
+    yield ch
+    await ch.aclose()
+
+
+def test_pack_is_resp_bulk_strings():
+    assert (
+        pack(["SET", b"k\r\n", 12, 1.5])
+        == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
+    )
+    with pytest.raises(TypeError):
+        pack(["SET", None])
+
+
+async def test_pipelined_replies_reach_their_callers(channel, redis_prefix):
+    key = f"{redis_prefix}:n"
+    replies = await asyncio.gather(*(channel.execute("INCR", key) for _ in range(200)))
+    assert replies == list(range(1, 201))  # in order: each caller got its own reply
+    value = b"binary\r\n\x00value"
+    assert await channel.execute("SET", f"{redis_prefix}:b", value) == b"OK"
+    assert await channel.execute("GET", f"{redis_prefix}:b") == value
+
+
+async def test_error_replies_raise_and_the_connection_stays_usable(channel):
+    with pytest.raises(ResponseError, match="unknown command"):
+        await channel.execute("NOSUCHCOMMAND")
+    with pytest.raises(NoScriptError):
+        await channel.execute("EVALSHA", "0" * 40, 0)
+    assert await channel.execute("PING") == b"PONG"
+
+
+async def test_a_late_reply_fails_the_call_and_the_next_one_reconnects(redis_prefix):
+    client = aioredis.from_url(BASE.redis_url, socket_timeout=0.2)
+    ch = RespChannel(client)
+    try:
+        with pytest.raises(TimeoutError):
+            await ch.execute("BLPOP", f"{redis_prefix}:never", 2)
+        # The late BLPOP reply must never answer this call: its connection is gone.
+        await client.rpush(f"{redis_prefix}:never", "x")
+        assert await ch.execute("ECHO", "mine") == b"mine"
+    finally:
+        await ch.aclose()
+        await client.aclose()
+
+
+async def test_a_killed_connection_fails_in_flight_calls_then_reconnects(channel, redis_client):
+    conn_id = await channel.execute("CLIENT", "ID")
+    blocked = asyncio.ensure_future(channel.execute("BLPOP", f"resp-test-{uuid.uuid4()}", 5))
+    await asyncio.sleep(0.1)
+    await redis_client.client_kill_filter(_id=conn_id)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(blocked, 2)
+    assert await channel.execute("PING") == b"PONG"
+    assert await channel.execute("CLIENT", "ID") != conn_id
+
+
+async def test_credentials_and_database_come_from_the_client(redis_client, redis_prefix):
+    user, password = f"resp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
+    host, port = BASE.redis_url.split("//")[1].split("/")[0].split(":")
+    good = aioredis.from_url(f"redis://{user}:{password}@{host}:{port}/5")
+    bad = aioredis.from_url(f"redis://{user}:wrong@{host}:{port}/5")
+    ch, bad_ch = RespChannel(good), RespChannel(bad)
+    db5 = aioredis.from_url(f"redis://{host}:{port}/5")
+    try:
+        assert await ch.execute("SET", f"{redis_prefix}:in5", "yes") == b"OK"
+        assert await db5.get(f"{redis_prefix}:in5") == b"yes"
+        assert await redis_client.get(f"{redis_prefix}:in5") is None  # not database 0
+        with pytest.raises(AuthenticationError):
+            await bad_ch.execute("PING")
+    finally:
+        await db5.delete(f"{redis_prefix}:in5")
+        await redis_client.execute_command("ACL", "DELUSER", user)
+        for c in (ch, bad_ch):
+            await c.aclose()
+        for r in (good, bad, db5):
+            await r.aclose()
+
+
+def test_works_on_uvloop(services, redis_prefix):
+    """uvicorn runs edges on uvloop, whose transports are not asyncio's classes."""
+
+    async def go() -> tuple[object, list[object], int]:
+        client = aioredis.from_url(BASE.redis_url)
+        script = CoalescingScript(client, ECHO_BATCH)
+        try:
+            one = await script(["a"])
+            many = await asyncio.gather(*(script([str(i)]) for i in range(5)))
+            return one, many, script.round_trips
+        finally:
+            await script.aclose()
+            await client.aclose()
+
+    one, many, round_trips = uvloop.run(go())
+    assert one == b"a:1"
+    # the first of five goes out alone (nothing in flight), the other four together
+    assert many == [b"0:1", b"1:4", b"2:4", b"3:4", b"4:4"]
+    assert round_trips == 3
+
+
+async def test_clients_it_cannot_stand_in_for_go_through_redis_py(redis_client):
+    class Custom(Connection):
+        pass
+
+    odd = aioredis.Redis(
+        connection_pool=aioredis.ConnectionPool.from_url(BASE.redis_url, connection_class=Custom)
+    )
+    assert supported(redis_client) and not supported(odd)
+    script = CoalescingScript(odd, ECHO_BATCH)
+    try:
+        assert await script(["x"]) == b"x:1"
+    finally:
+        await script.aclose()
+        await odd.aclose()
+        await odd.connection_pool.disconnect()
