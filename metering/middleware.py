@@ -303,7 +303,10 @@ class MeteringEdge:
         )
         self._pool: Any = None
         self.producer = UsageProducer(
-            bootstrap_servers=settings.kafka_bootstrap, topic=settings.events_topic
+            bootstrap_servers=settings.kafka_bootstrap,
+            topic=settings.events_topic,
+            linger_ms=settings.producer_linger_ms,
+            buffer_size=settings.producer_buffer,
         )
         self.guard = EdgeGuard(
             redis=self._redis,

@@ -53,6 +53,8 @@ class Settings:
     redis_failure_mode: str = "open"  # open: allow + log + count; closed: 503
     last_used_flush_s: float = 30.0
     trusted_proxies: str = ""  # comma-separated CIDRs whose X-Forwarded-For is believed
+    producer_linger_ms: int = 100  # edge events gather this long: one produce request each
+    producer_buffer: int = 100_000  # events held while Kafka is away, then dropped (counted)
 
     # event policy
     max_future_skew_s: int = 300
@@ -95,6 +97,10 @@ class Settings:
             raise ConfigurationError("METERING_EVENTS_PARTITIONS must be >= 1")
         if self.retention_days < 1:
             raise ConfigurationError("METERING_RETENTION_DAYS must be >= 1")
+        if not 0 <= self.producer_linger_ms <= 5_000:
+            raise ConfigurationError("METERING_PRODUCER_LINGER_MS must be between 0 and 5000")
+        if self.producer_buffer < 1:
+            raise ConfigurationError("METERING_PRODUCER_BUFFER must be >= 1")
         if self.redis_failure_mode not in ("open", "closed"):
             raise ConfigurationError("METERING_REDIS_FAILURE_MODE must be 'open' or 'closed'")
         if not self.database_url.startswith(("postgres://", "postgresql://")):

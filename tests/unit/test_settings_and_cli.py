@@ -21,6 +21,8 @@ def test_settings_from_env_and_overrides():
         ({"METERING_BATCH_SIZE": "0"}, "METERING_BATCH_SIZE must be >= 1"),
         ({"METERING_DATABASE_URL": "mysql://x"}, "METERING_DATABASE_URL"),
         ({"METERING_WEB_ENABLED": "maybe"}, "METERING_WEB_ENABLED"),
+        ({"METERING_PRODUCER_LINGER_MS": "-1"}, "METERING_PRODUCER_LINGER_MS must be between"),
+        ({"METERING_PRODUCER_BUFFER": "0"}, "METERING_PRODUCER_BUFFER must be >= 1"),
     ],
 )
 def test_bad_settings_name_themselves(env, message):
