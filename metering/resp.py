@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -33,8 +32,6 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
-
-log = logging.getLogger(__name__)
 
 
 def supported(redis: aioredis.Redis) -> bool:
