@@ -44,6 +44,7 @@ from metering.db.admin import database_url, drop_database
 from metering.db.migrate import migrate
 from metering.db.usage import to_row
 from metering.events import decode
+from metering.metrics import parse
 from metering.settings import Settings
 from metering.simulate import SimUser, make_event
 from metering.topics import ensure_topics
@@ -106,13 +107,7 @@ async def preload(s: Settings, n: int, users: int, seed: int) -> int:
 
 def metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        body = r.read().decode()
-    out = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            k, _, v = line.rpartition(" ")
-            out[k] = float(v)
-    return out
+        return parse(r.read().decode())
 
 
 def run_worker(s: Settings, n: int, port: int, log: Path, timeout: float) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
     uvicorn examples.edge_app:app --port 8000
 
-Routes: ``/health`` (not metered), ``/public/status`` (anonymous allowed,
+Routes: ``/health`` and ``/metrics`` (not metered), ``/public/status`` (anonymous allowed,
 50/day per IP), ``/v1/search`` (any valid key), ``/v1/items/{id}`` (scope
 ``items:read``), ``POST /v1/items`` and ``POST /v1/batch`` (scope
 ``items:write``; a batch bills 10 units).
@@ -15,7 +15,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
+from metering import metrics
 from metering.db.accounts import Identity
 from metering.middleware import MeteringEdge, MeteringMiddleware, current_identity, require_scopes
 from metering.settings import Settings
@@ -36,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         guard=edge.guard,
         producer=edge.producer,
         anonymous_paths=("/public",),
-        exempt_paths=("/health",),
+        exempt_paths=("/health", "/metrics"),
         trusted_proxies=[p for p in settings.trusted_proxies.split(",") if p.strip()],
     )
     app.state.edge = edge
@@ -44,6 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    # Edge counters for Prometheus; keep it off the public listener in production.
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> PlainTextResponse:
+        return PlainTextResponse(edge.metrics(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/public/status")
     async def public_status() -> dict[str, str]:

@@ -85,8 +85,8 @@ class EdgeStats:
     checks: int = 0
     cache_misses: int = 0
     redis_failures: int = 0
-    shadowed: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)  # by reason
+    shadowed: dict[str, int] = field(default_factory=dict)  # let through by shadow mode, by reason
 
 
 class EdgeGuard:
@@ -181,7 +181,7 @@ class EdgeGuard:
         if decision.status is not None:
             self.stats.rejected[decision.reason] = self.stats.rejected.get(decision.reason, 0) + 1
         if decision.shadowed:
-            self.stats.shadowed += 1
+            self.stats.shadowed[decision.reason] = self.stats.shadowed.get(decision.reason, 0) + 1
         if decision.identity is not None and decision.status in (None, 429):
             self._last_used[decision.identity.key_id] = time.time()
         return decision

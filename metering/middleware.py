@@ -36,6 +36,7 @@ from metering.db.accounts import Identity
 from metering.edge import Decision, EdgeGuard
 from metering.errors import InvalidEventError
 from metering.events import HTTP_METHODS, MAX_UNITS, UsageEvent, is_ip, parse_uuid
+from metering.metrics import Family, render
 from metering.producer import UsageProducer
 
 try:  # FastAPI/Starlette are optional: only the dependencies below need them
@@ -100,6 +101,8 @@ class MeteringMiddleware:
         key = self._extract_key(scope)
         if key is None and not scope["path"].startswith(self.anonymous_paths or ("\0",)):
             decision = Decision(401, "missing_key")
+            rejected = self.guard.stats.rejected
+            rejected["missing_key"] = rejected.get("missing_key", 0) + 1
         else:
             decision = await self.guard.check(key, client_ip)
             if decision.status == 401:
@@ -333,6 +336,83 @@ class MeteringEdge:
             await self._pool.close()
             self._pool = None
         await self._redis.aclose()
+
+    def metrics(self) -> str:
+        """This process's edge counters as Prometheus text (serve it on ``/metrics``)."""
+        g, p = self.guard.stats, self.producer.stats
+        counter = "counter"
+        return render(
+            [
+                Family.one(
+                    "metering_edge_checks_total",
+                    counter,
+                    "Requests checked (key, limits, quota).",
+                    g.checks,
+                ),
+                Family.by(
+                    "metering_edge_rejected_total",
+                    counter,
+                    "Requests answered 401, 403, 429 or 503, by reason.",
+                    "reason",
+                    g.rejected,
+                ),
+                Family.by(
+                    "metering_edge_shadowed_total",
+                    counter,
+                    "Requests a limit would have rejected, let through by shadow mode, by reason.",
+                    "reason",
+                    g.shadowed,
+                ),
+                Family.one(
+                    "metering_edge_key_cache_misses_total",
+                    counter,
+                    "Checks that looked the key up in PostgreSQL.",
+                    g.cache_misses,
+                ),
+                Family.one(
+                    "metering_edge_redis_failures_total",
+                    counter,
+                    "Checks made without Redis: the failure policy (open or closed) applied.",
+                    g.redis_failures,
+                ),
+                Family.one(
+                    "metering_edge_redis_round_trips_total",
+                    counter,
+                    "Script calls sent to Redis (concurrent checks share one).",
+                    self.guard.round_trips,
+                ),
+                Family.one(
+                    "metering_edge_events_emitted_total",
+                    counter,
+                    "Usage events accepted into the producer buffer.",
+                    p.emitted,
+                ),
+                Family.one(
+                    "metering_edge_events_sent_total",
+                    counter,
+                    "Usage events acknowledged by Kafka.",
+                    p.sent,
+                ),
+                Family.one(
+                    "metering_edge_events_dropped_total",
+                    counter,
+                    "Usage events lost because the buffer was full.",
+                    p.dropped,
+                ),
+                Family.one(
+                    "metering_edge_producer_send_errors_total",
+                    counter,
+                    "Failed Kafka sends (the events are retried).",
+                    p.send_errors,
+                ),
+                Family.one(
+                    "metering_edge_events_buffered",
+                    "gauge",
+                    "Usage events waiting for Kafka.",
+                    self.producer.buffered,
+                ),
+            ]
+        )
 
     async def __aenter__(self) -> MeteringEdge:
         await self.start()

@@ -6,6 +6,7 @@ import time
 
 from faust.web import Request, Response, View
 
+from metering.metrics import CONTENT_TYPE, Family, render
 from streams.agents.usage import pipeline
 from streams.app import app
 
@@ -22,32 +23,61 @@ class Health(View):
 class Metrics(View):
     async def get(self, request: Request) -> Response:
         s = pipeline.stats
-        lines = [
-            "# TYPE metering_batches_total counter",
-            f"metering_batches_total {s.batches}",
-            "# TYPE metering_records_total counter",
-            f"metering_records_total {s.records}",
-            "# TYPE metering_events_inserted_total counter",
-            f"metering_events_inserted_total {s.inserted}",
-            "# TYPE metering_events_duplicate_total counter",
-            f"metering_events_duplicate_total {s.duplicates}",
-            "# TYPE metering_dead_letters_total counter",
-            *(
-                f'metering_dead_letters_total{{reason="{r}"}} {n}'
-                for r, n in s.dead_letters.items()
-            ),
-            "# TYPE metering_db_retries_total counter",
-            f"metering_db_retries_total {s.db_retries}",
-            "# TYPE metering_redis_failures_total counter",
-            f"metering_redis_failures_total {s.redis_failures}",
-            "# TYPE metering_last_batch_seconds gauge",
-            f"metering_last_batch_seconds {s.last_batch_seconds:.6f}",
-            "# TYPE metering_first_batch_timestamp_seconds gauge",
-            f"metering_first_batch_timestamp_seconds {s.first_batch_at or 0:.6f}",
-            "# TYPE metering_last_batch_timestamp_seconds gauge",
-            f"metering_last_batch_timestamp_seconds {s.last_batch_at or 0:.6f}",
-            "# TYPE metering_seconds_since_last_batch gauge",
-            f"metering_seconds_since_last_batch "
-            f"{(time.time() - s.last_batch_at) if s.last_batch_at else -1:.3f}",
-        ]
-        return self.text("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
+        counter, gauge = "counter", "gauge"
+        since = (time.time() - s.last_batch_at) if s.last_batch_at else -1
+        body = render(
+            [
+                Family.one("metering_batches_total", counter, "Batches committed.", s.batches),
+                Family.one("metering_records_total", counter, "Records consumed.", s.records),
+                Family.one(
+                    "metering_events_inserted_total", counter, "Events written.", s.inserted
+                ),
+                Family.one(
+                    "metering_events_duplicate_total",
+                    counter,
+                    "Events seen before (not counted again).",
+                    s.duplicates,
+                ),
+                Family.by(
+                    "metering_dead_letters_total",
+                    counter,
+                    "Records sent to the dead-letter topic, by reason.",
+                    "reason",
+                    s.dead_letters,
+                ),
+                Family.one(
+                    "metering_db_retries_total", counter, "PostgreSQL retries.", s.db_retries
+                ),
+                Family.one(
+                    "metering_redis_failures_total",
+                    counter,
+                    "Counter updates that Redis refused (rebuilt later).",
+                    s.redis_failures,
+                ),
+                Family.one(
+                    "metering_last_batch_seconds",
+                    gauge,
+                    "Duration of the last batch.",
+                    round(s.last_batch_seconds, 6),
+                ),
+                Family.one(
+                    "metering_first_batch_timestamp_seconds",
+                    gauge,
+                    "When the first batch committed (Unix time).",
+                    round(s.first_batch_at or 0, 6),
+                ),
+                Family.one(
+                    "metering_last_batch_timestamp_seconds",
+                    gauge,
+                    "When the last batch committed (Unix time).",
+                    round(s.last_batch_at or 0, 6),
+                ),
+                Family.one(
+                    "metering_seconds_since_last_batch",
+                    gauge,
+                    "Seconds since the last batch committed (-1: none yet).",
+                    round(since, 3),
+                ),
+            ]
+        )
+        return self.text(body, content_type=CONTENT_TYPE)

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from metering import stack
+from metering import metrics, stack
 from metering.db import admin as db_admin
 from metering.db.migrate import migrate
 from metering.settings import Settings
@@ -194,12 +194,7 @@ class WorkerProcess:
         await writer.drain()
         body = (await reader.read()).decode()
         writer.close()
-        out: dict[str, float] = {}
-        for line in body.split("\r\n\r\n", 1)[-1].splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return metrics.parse(body.split("\r\n\r\n", 1)[-1])
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 
 from examples.edge_app import create_app
-from metering import keys
+from metering import keys, metrics
 from metering.counters import DailyTotal, UsageCounters
 from metering.db import accounts
 from metering.settings import Settings
@@ -312,7 +312,7 @@ async def test_shadow_mode_reports_but_does_not_reject(servers, client, db):
     assert [r.status_code for r in responses] == [200] * 12
     assert "X-RateLimit-Shadow" not in responses[9].headers
     assert responses[10].headers["X-RateLimit-Shadow"] == "rate_limited"
-    assert srv.guard.stats.shadowed == 2
+    assert sum(srv.guard.stats.shadowed.values()) == 2
     # the tier can be shadowed too
     await accounts.set_tier_limits_mode(db, "free", "shadow")
     key2, _ = await make_key(db, user)
@@ -337,6 +337,28 @@ async def test_one_round_trip_when_warm_and_coalescing(servers, client, db):
     assert all(d.status is None for d in results)
     # 64 checks: the first goes out at once, the other 63 as one script call
     assert srv.guard.round_trips - before == 2
+
+
+async def test_metrics_count_checks_rejections_and_events(servers, client, db):
+    srv = await servers()
+    user = await make_user(db, "free")
+    key, _ = await make_key(db, user)
+    ip = next_ip()
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 200
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(None, ip))).status_code == 401
+    assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(key, ip))).status_code == 403
+    await srv.app.state.edge.producer.flush()
+    r = await client.get(f"{srv.url}/metrics")  # no key needed, not metered
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "# TYPE metering_edge_checks_total counter" in r.text
+    m = metrics.parse(r.text)
+    assert m["metering_edge_checks_total"] == 2  # the keyless request never reaches Redis
+    assert m['metering_edge_rejected_total{reason="missing_key"}'] == 1
+    assert m["metering_edge_key_cache_misses_total"] == 1
+    assert m["metering_edge_events_emitted_total"] == 3  # the 403 is metered too
+    assert m["metering_edge_events_sent_total"] == 3
+    assert m["metering_edge_events_buffered"] == 0
+    assert m["metering_edge_redis_failures_total"] == 0
 
 
 async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_settings):
