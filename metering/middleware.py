@@ -346,7 +346,7 @@ class MeteringEdge:
                 Family.one(
                     "metering_edge_checks_total",
                     counter,
-                    "Requests checked (key, limits, quota).",
+                    "Requests checked against Redis (keyless requests to protected paths are rejected before).",
                     g.checks,
                 ),
                 Family.by(
@@ -396,7 +396,7 @@ class MeteringEdge:
                 Family.one(
                     "metering_edge_events_dropped_total",
                     counter,
-                    "Usage events lost because the buffer was full.",
+                    "Usage events dropped: buffer full, too large, or emitted during shutdown.",
                     p.dropped,
                 ),
                 Family.one(

@@ -4,9 +4,10 @@
 while another call is in flight and sends them as one EVALSHA: with 64
 concurrent requests that is two round trips instead of 64 (redis-py costs
 ~220 µs of client time per awaited command here, so per-call round trips cap
-a process at a few thousand checks per second). The call goes over a :class:`~metering.resp.RespChannel` (a
-lean pipelined connection, ~6 µs of CPU per command instead of redis-py's
-~56 µs) when the client's connection type allows, else through redis-py.
+a process at a few thousand checks per second). The calls go over a
+:class:`~metering.resp.RespChannel` (a lean pipelined connection, ~6 µs of
+CPU per command instead of redis-py's ~56 µs) when the client's connection
+type allows, else through redis-py.
 """
 
 from __future__ import annotations
