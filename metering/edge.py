@@ -41,6 +41,7 @@ from metering.scripts import CoalescingScript, load_source
 log = logging.getLogger(__name__)
 
 NEGATIVE = "-"
+DOWN_LOG_EVERY_S = 10
 
 
 def ip_hex(ip: str) -> str:
@@ -118,6 +119,7 @@ class EdgeGuard:
         self._parsed: dict[bytes, accounts.Identity] = {}
         self._last_used: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._down_logged_at = -float(DOWN_LOG_EVERY_S)
         self.stats = EdgeStats()
 
     @property
@@ -258,12 +260,20 @@ class EdgeGuard:
 
     async def _redis_down(self, exc: BaseException, key_hash: str, client_ip: str) -> Decision:
         self.stats.redis_failures += 1
+        now = time.monotonic()
+        if now - self._down_logged_at >= DOWN_LOG_EVERY_S:  # a line per interval, not per request
+            self._down_logged_at = now
+            log.warning(
+                "Redis unavailable (%s): %s (%d checks so far; next report in %ds at the earliest)",
+                exc,
+                "failing closed with 503"
+                if self._mode == "closed"
+                else "failing open (keys verified in PostgreSQL, no limits)",
+                self.stats.redis_failures,
+                DOWN_LOG_EVERY_S,
+            )
         if self._mode == "closed":
-            log.error("Redis unavailable (%s): failing closed with 503", exc)
             return Decision(503, "redis_unavailable", headers=[("Retry-After", "5")])
-        log.warning(
-            "Redis unavailable (%s): failing open (key verified in PostgreSQL, no limits)", exc
-        )
         if key_hash == "":
             return Decision(None, "anonymous", degraded=True)
         if key_hash == "!":

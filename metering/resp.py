@@ -15,7 +15,9 @@ handle one set: :class:`redis.exceptions.ResponseError` (and
 ``NoScriptError``) for error replies, ``ConnectionError``/``TimeoutError``
 (both ``OSError``) when the connection fails or a reply is late. A late
 reply or a lost connection fails every command in flight and the next
-command reconnects.
+command reconnects. A failed connect is not retried for a while (0.1 s,
+doubling up to 2 s): meanwhile commands fail at once, so during an outage
+requests get the edge's failure policy without waiting on a connect each.
 
 Only what the hot path needs: commands in, replies out. Everything else
 (pub/sub, transactions, cluster, sentinel) stays with redis-py.
@@ -126,6 +128,8 @@ class RespChannel:
         self._connect_timeout: float | None = self._conn.socket_connect_timeout or self._timeout
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._retry_at = 0.0  # loop time before which no new connect is tried
+        self._backoff = 0.0
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and wait for its reply."""
@@ -153,12 +157,25 @@ class RespChannel:
 
     async def _connected(self) -> _Protocol:
         if self._connecting is None:  # one connect attempt, shared by every caller
-            self._connecting = asyncio.ensure_future(self._connect())
+            wait = self._retry_at - asyncio.get_running_loop().time()
+            if wait > 0:
+                raise ConnectionError(f"Redis unreachable; next connect attempt in {wait:.2f}s")
+            self._connecting = asyncio.ensure_future(self._connect_or_back_off())
         try:
             return await asyncio.shield(self._connecting)
         finally:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
+
+    async def _connect_or_back_off(self) -> _Protocol:
+        try:
+            proto = await self._connect()
+        except (OSError, RedisError):
+            self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
+            self._retry_at = asyncio.get_running_loop().time() + self._backoff
+            raise
+        self._backoff = 0.0
+        return proto
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()

@@ -368,6 +368,7 @@ async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_se
     fields = {f: getattr(edge_settings, f) for f in edge_settings.__dataclass_fields__}
     open_srv = await servers(Settings(**{**fields, **dead, "redis_failure_mode": "open"}))
     closed_srv = await servers(Settings(**{**fields, **dead, "redis_failure_mode": "closed"}))
+    logged_before = sum("Redis unavailable" in line for line in TRAP.lines)
     ip = next_ip()
     r = await client.get(f"{open_srv.url}/v1/search", headers=hdr(key, ip))
     assert r.status_code == 200 and "X-RateLimit-Limit" not in r.headers
@@ -379,6 +380,8 @@ async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_se
     assert open_srv.guard.stats.redis_failures == 2
     r = await client.get(f"{closed_srv.url}/v1/search", headers=hdr(key, ip))
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    # one warning per edge per interval, not one per request
+    assert sum("Redis unavailable" in line for line in TRAP.lines) - logged_before == 2
 
 
 async def test_database_down_cached_keys_work_uncached_get_503(servers, client, db, edge_settings):

@@ -84,6 +84,24 @@ async def test_a_killed_connection_fails_in_flight_calls_then_reconnects(channel
     assert await channel.execute("CLIENT", "ID") != conn_id
 
 
+async def test_an_unreachable_redis_is_not_dialled_on_every_call():
+    client = aioredis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.5)
+    ch = RespChannel(client)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await ch.execute("PING")
+        with pytest.raises(ConnectionError, match="next connect attempt in"):
+            await ch.execute("PING")  # fails at once: no connect inside the back-off
+        await asyncio.sleep(0.15)
+        with pytest.raises(ConnectionRefusedError):  # dialled again after it
+            await ch.execute("PING")
+        with pytest.raises(ConnectionError, match=r"next connect attempt in 0\.[12]"):
+            await ch.execute("PING")  # and the back-off doubled
+    finally:
+        await ch.aclose()
+        await client.aclose()
+
+
 async def test_credentials_and_database_come_from_the_client(redis_client, redis_prefix):
     user, password = f"resp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     await redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
