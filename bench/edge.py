@@ -33,10 +33,12 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
 from bench.pipeline import create_db, drop_db
 from metering.db import accounts, connect
 from metering.settings import Settings
-from metering.topics import ensure_topics
+from metering.topics import delete_topics, ensure_topics
 
 
 def free_port() -> int:
@@ -159,6 +161,19 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+async def cleanup(base: Settings, db_name: str, tag: str) -> None:
+    """Drop what the run made: its database, topics and Redis keys."""
+    await drop_db(base, db_name)
+    await delete_topics(base, lambda name: tag in name)
+    r = aioredis.from_url(base.redis_url)
+    try:
+        found = [k async for k in r.scan_iter(match=f"bench-edge-{tag}:*", count=1000)]
+        if found:
+            await r.delete(*found)
+    finally:
+        await r.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.edge", description=__doc__.split("\n")[0])
     ap.add_argument("--slices", type=int, default=12, help="steady-rate slices per app")
@@ -240,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs.values():
             stop_server(proc)
-        asyncio.run(drop_db(base, db_name))
+        asyncio.run(cleanup(base, db_name, tag))
 
     a, b = results["without middleware"], results["with middleware"]
     secs = args.slices * args.slice_seconds

@@ -47,7 +47,7 @@ from metering.events import decode
 from metering.metrics import parse
 from metering.settings import Settings
 from metering.simulate import SimUser, make_event
-from metering.topics import ensure_topics
+from metering.topics import delete_topics, ensure_topics
 
 
 async def create_db(base: Settings, name: str) -> str:
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             if keys:
                 await r.delete(*keys)
             await r.aclose()
+            await delete_topics(base, lambda name: tag in name)
 
         asyncio.run(cleanup())
 

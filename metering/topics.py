@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -42,5 +44,21 @@ async def ensure_topics(settings: Settings, specs: list[NewTopic] | None = None)
             except TopicAlreadyExistsError:
                 pass
         return created
+    finally:
+        await admin.close()
+
+
+async def delete_topics(settings: Settings, match: Callable[[str], bool]) -> list[str]:
+    """Delete the topics whose names ``match`` (benchmarks and tests clean up after
+    themselves: a broker holding thousands of stale partitions gets slower)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000
+    )
+    await admin.start()
+    try:
+        doomed = sorted(t for t in await admin.list_topics() if match(t))
+        if doomed:
+            await admin.delete_topics(doomed)
+        return doomed
     finally:
         await admin.close()

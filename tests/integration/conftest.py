@@ -19,7 +19,7 @@ from metering import metrics, stack
 from metering.db import admin as db_admin
 from metering.db.migrate import migrate
 from metering.settings import Settings
-from metering.topics import ensure_topics
+from metering.topics import delete_topics, ensure_topics
 
 BASE = Settings.from_env()
 TEMPLATE_DB = "metering_test_template"
@@ -99,7 +99,9 @@ async def redis_prefix(redis_client: aioredis.Redis) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def kafka_settings(services: Settings, database_url: str, redis_prefix: str) -> Settings:
+async def kafka_settings(
+    services: Settings, database_url: str, redis_prefix: str
+) -> AsyncIterator[Settings]:
     """Settings for an isolated pipeline: fresh topics, group, database, key prefix."""
     tag = uuid.uuid4().hex[:10]
     s = Settings.from_env(
@@ -113,7 +115,9 @@ async def kafka_settings(services: Settings, database_url: str, redis_prefix: st
         session_timeout_s=6.0,  # the broker's group.min.session.timeout.ms
     )
     await ensure_topics(s)
-    return s
+    yield s
+    # Its topics and the worker's internal ones (Faust names them after the app id).
+    await delete_topics(s, lambda name: tag in name)
 
 
 async def eventually(
