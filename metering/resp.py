@@ -103,6 +103,14 @@ class _Protocol(asyncio.Protocol):
         self.lost = exc or ConnectionError("Redis closed the connection")
         self._fail_waiting(ConnectionError(f"connection to Redis lost: {self.lost}"))
 
+    def send(self, args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Write one command; its reply (or error) resolves the returned future."""
+        assert self.transport is not None
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        self.transport.write(pack(args))
+        return fut
+
     def fail(self, exc: BaseException) -> None:
         """Close the connection and fail every command in flight."""
         self.lost = exc
@@ -136,14 +144,10 @@ class RespChannel:
         proto = self._proto
         if proto is None or proto.lost is not None:
             proto = await self._connected()
-        assert proto.transport is not None
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        proto.waiting.append(fut)
-        proto.transport.write(pack(args))
+        fut = proto.send(args)
         if self._timeout is None:
             return await fut
-        timer = loop.call_later(self._timeout, self._late, proto, fut)
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._late, proto, fut)
         try:
             return await fut
         finally:
@@ -196,12 +200,8 @@ class RespChannel:
             if c.db:
                 handshake.append(("SELECT", c.db))
             for command in handshake:
-                fut: asyncio.Future[Any] = loop.create_future()
-                proto.waiting.append(fut)
-                assert proto.transport is not None
-                proto.transport.write(pack(command))
                 async with asyncio.timeout(self._connect_timeout):
-                    await fut
+                    await proto.send(command)
         except BaseException:
             if proto.transport is not None:
                 proto.transport.abort()
