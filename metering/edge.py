@@ -25,6 +25,7 @@ import json
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -86,8 +87,8 @@ class EdgeStats:
     checks: int = 0
     cache_misses: int = 0
     redis_failures: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)  # by reason
-    shadowed: dict[str, int] = field(default_factory=dict)  # let through by shadow mode, by reason
+    rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    shadowed: Counter[str] = field(default_factory=Counter)  # let through by shadow mode, by reason
 
 
 class EdgeGuard:
@@ -181,9 +182,9 @@ class EdgeGuard:
             return await self._redis_down(exc, key_hash, client_ip)
         decision = self._decide(result)
         if decision.status is not None:
-            self.stats.rejected[decision.reason] = self.stats.rejected.get(decision.reason, 0) + 1
+            self.stats.rejected[decision.reason] += 1
         if decision.shadowed:
-            self.stats.shadowed[decision.reason] = self.stats.shadowed.get(decision.reason, 0) + 1
+            self.stats.shadowed[decision.reason] += 1
         if decision.identity is not None and decision.status in (None, 429):
             self._last_used[decision.identity.key_id] = time.time()
         return decision

@@ -101,8 +101,7 @@ class MeteringMiddleware:
         key = self._extract_key(scope)
         if key is None and not scope["path"].startswith(self.anonymous_paths or ("\0",)):
             decision = Decision(401, "missing_key")
-            rejected = self.guard.stats.rejected
-            rejected["missing_key"] = rejected.get("missing_key", 0) + 1
+            self.guard.stats.rejected["missing_key"] += 1
         else:
             decision = await self.guard.check(key, client_ip)
             if decision.status == 401:
