@@ -42,19 +42,17 @@ class CoalescingScript:
     """
 
     def __init__(self, redis: aioredis.Redis, source: str) -> None:
-        self._redis = redis
         self._source = source
         self._sha: str | None = None
         self._channel = RespChannel(redis) if supported(redis) else None
+        self._execute = self._channel.execute if self._channel else redis.execute_command
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
         self._in_flight = 0
         self.round_trips = 0
 
     async def load(self) -> None:
-        if self._channel is None:
-            self._sha = await self._redis.script_load(self._source)
-        else:
-            self._sha = (await self._channel.execute("SCRIPT", "LOAD", self._source)).decode()
+        sha = await self._execute("SCRIPT", "LOAD", self._source)
+        self._sha = sha.decode() if isinstance(sha, bytes) else sha
 
     async def aclose(self) -> None:
         """Close the script's own connection (the redis-py client is the caller's)."""
@@ -120,9 +118,7 @@ class CoalescingScript:
             for attempt in (1, 2):
                 self.round_trips += 1
                 try:
-                    if self._channel is None:
-                        return list(await self._redis.evalsha(self._sha, 0, *argv))
-                    return list(await self._channel.execute("EVALSHA", self._sha, 0, *argv))
+                    return list(await self._execute("EVALSHA", self._sha, 0, *argv))
                 except NoScriptError:
                     if attempt == 2:
                         raise

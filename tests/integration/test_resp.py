@@ -161,3 +161,31 @@ async def test_clients_it_cannot_stand_in_for_go_through_redis_py(redis_client):
         await script.aclose()
         await odd.aclose()
         await odd.connection_pool.disconnect()
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["resp-channel", "redis-py"])
+async def test_a_script_cache_flushed_by_a_restart_is_reloaded(redis_client, fallback):
+    class Custom(Connection):
+        pass
+
+    client = (
+        aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool.from_url(
+                BASE.redis_url, connection_class=Custom
+            )
+        )
+        if fallback
+        else redis_client
+    )
+    script = CoalescingScript(client, ECHO_BATCH)
+    try:
+        assert await script(["a"]) == b"a:1"
+        await redis_client.script_flush()  # what a Redis restart does to loaded scripts
+        before = script.round_trips
+        assert await script(["b"]) == b"b:1"
+        assert script.round_trips - before == 2  # NOSCRIPT, then the reloaded script
+    finally:
+        await script.aclose()
+        if fallback:
+            await client.aclose()
+            await client.connection_pool.disconnect()
