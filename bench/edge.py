@@ -33,9 +33,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
-from bench.pipeline import create_db, drop_db
+from bench.pipeline import create_db, drop_db, drop_redis_keys
 from metering.db import accounts, connect
 from metering.settings import Settings
 from metering.topics import delete_topics, ensure_topics
@@ -165,13 +163,7 @@ async def cleanup(base: Settings, db_name: str, tag: str) -> None:
     """Drop what the run made: its database, topics and Redis keys."""
     await drop_db(base, db_name)
     await delete_topics(base, lambda name: tag in name)
-    r = aioredis.from_url(base.redis_url)
-    try:
-        found = [k async for k in r.scan_iter(match=f"bench-edge-{tag}:*", count=1000)]
-        if found:
-            await r.delete(*found)
-    finally:
-        await r.aclose()
+    await drop_redis_keys(base, f"bench-edge-{tag}")
 
 
 def main(argv: list[str] | None = None) -> int:

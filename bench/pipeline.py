@@ -66,6 +66,17 @@ async def drop_db(base: Settings, name: str) -> None:
     await drop_database(base.database_url, name)
 
 
+async def drop_redis_keys(base: Settings, prefix: str) -> None:
+    """Delete the run's Redis keys (``<prefix>:*``)."""
+    r = aioredis.from_url(base.redis_url)
+    try:
+        found = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+        if found:
+            await r.delete(*found)
+    finally:
+        await r.aclose()
+
+
 async def preload(s: Settings, n: int, users: int, seed: int) -> int:
     rng = random.Random(seed)
     sim_users = [
@@ -321,11 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         async def cleanup() -> None:
             await drop_db(base, db_name)
             await drop_db(base, naive_db)
-            r = aioredis.from_url(base.redis_url)
-            keys = [k async for k in r.scan_iter(match=f"bench-{tag}:*", count=1000)]
-            if keys:
-                await r.delete(*keys)
-            await r.aclose()
+            await drop_redis_keys(base, f"bench-{tag}")
             await delete_topics(base, lambda name: tag in name)
 
         asyncio.run(cleanup())
