@@ -172,9 +172,18 @@ def decode(raw: bytes | None, policy: TimePolicy | None = None) -> UsageEvent:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEventError("invalid_json", f"not valid JSON: {exc}") from None
-    event = validate(data)
-    if policy is not None:
-        policy.check(event.occurred_at)
+    try:
+        event = validate(data)
+        if policy is not None:
+            policy.check(event.occurred_at)
+    except InvalidEventError:
+        raise
+    except Exception as exc:
+        # Whatever the bytes, a record is an event or a reason, never a crash:
+        # a check that trips over a value it did not foresee rejects the record.
+        raise InvalidEventError(
+            "bad_value", f"record could not be validated ({type(exc).__name__}: {exc})"[:1024]
+        ) from None
     return event
 
 
@@ -283,7 +292,7 @@ def is_ip(text: str) -> bool:
         try:
             socket.inet_pton(family, text)
             return True
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the string
             pass
     return False
 
@@ -299,7 +308,12 @@ def _timestamp(value: Any) -> datetime:
         raise InvalidEventError(
             "bad_value", f"occurred_at {value!r} needs a date, a time and a UTC offset"
         )
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:30:00+01:00 is before year 1 in UTC
+        raise InvalidEventError(
+            "bad_value", f"occurred_at {value!r} is outside the supported date range"
+        ) from None
 
 
 def _rfc3339(ts: datetime) -> str:

@@ -12,14 +12,23 @@ Per batch:
   transaction, deduplicated by event id);
 * set the Redis counters to the committed daily totals.
 
-Failure policy:
+Failure policy (whatever its bytes, a record becomes a counted event or a
+dead letter; nothing a record contains can stop the pipeline):
 
-* PostgreSQL unreachable: reconnect and retry with capped backoff for as
-  long as it takes; the batch is not acknowledged meanwhile, so Kafka
-  keeps the events (the consumer simply stops advancing);
-* PostgreSQL rejects the data itself (a value the contract let through but
-  a constraint does not): the batch is retried one event at a time and the
-  rejected events become dead letters (``rejected_by_database``);
+* decoding and validation turn every exception into a reason;
+* PostgreSQL unreachable, silent (``command_timeout``) or unwell in a way
+  that would fail any row (read-only, permissions, statement timeout, I/O,
+  a missing table; see :mod:`metering.db.connect`): the pipeline *pauses*:
+  it drops the connection and retries on a new one with capped backoff for
+  as long as it takes, logs the outage once as an error and reports it in
+  :attr:`PipelineStats.paused_since`; the batch is not acknowledged
+  meanwhile, so Kafka keeps the events. Nothing is dead-lettered;
+* PostgreSQL refuses a row's data (SQLSTATE class 22 or 23: a value the
+  contract let through but a constraint does not): the batch is split in
+  halves until the refused events are alone, and those become dead letters
+  (``rejected_by_database``); the rest lands;
+* a dead letter too large for the producer is published truncated (see
+  :meth:`DeadLetter.fitted`), so it never blocks;
 * Redis unreachable: counters are skipped, the pipeline keeps going, and
   the next :meth:`reconcile` rebuilds them from PostgreSQL.
 """
@@ -27,6 +36,7 @@ Failure policy:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -39,7 +49,7 @@ from typing import Protocol, TypeVar
 import asyncpg
 
 from metering.counters import DailyTotal, UsageCounters
-from metering.db import connect, is_connection_error
+from metering.db import connect, is_connection_error, is_row_fault
 from metering.db.migrate import maintain_partitions
 from metering.db.usage import UsageWriter, WriteResult
 from metering.errors import InvalidEventError, ServiceUnavailable
@@ -64,6 +74,20 @@ class RawRecord:
     headers: Headers = field(default_factory=list)
 
 
+# A dead letter that does not fit the producer's request size keeps this much
+# of the original value (and of its key), plus its size and SHA-256.
+TRUNCATED_VALUE_BYTES = 8 * 1024
+TRUNCATED_KEY_BYTES = 1024
+TRUNCATED_HEADERS_BYTES = 8 * 1024
+_RECORD_OVERHEAD = 128  # record framing, per record and per header (generous)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """An upper bound of a record's size in a produce request."""
+    size = _RECORD_OVERHEAD + len(key or b"") + len(value or b"")
+    return size + sum(_RECORD_OVERHEAD + len(k.encode()) + len(v or b"") for k, v in headers)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     record: RawRecord
@@ -72,15 +96,47 @@ class DeadLetter:
 
     def headers(self) -> Headers:
         """Original headers plus the reason and where the record came from."""
-        extra = [
+        return [*self.record.headers, *self._dlq_headers()]
+
+    def _dlq_headers(self) -> Headers:
+        return [
             ("x-dlq-reason", self.reason.encode()),
-            ("x-dlq-detail", self.detail.encode()[:1024]),
-            ("x-dlq-source-topic", self.record.topic.encode()),
+            ("x-dlq-detail", self.detail.encode(errors="replace")[:1024]),
+            ("x-dlq-source-topic", self.record.topic.encode(errors="replace")),
             ("x-dlq-source-partition", str(self.record.partition).encode()),
             ("x-dlq-source-offset", str(self.record.offset).encode()),
             ("x-dlq-failed-at", datetime.now(UTC).isoformat().encode()),
         ]
-        return [*self.record.headers, *extra]
+
+    def fitted(
+        self, max_bytes: int, *, minimal: bool = False
+    ) -> tuple[bytes | None, bytes | None, Headers]:
+        """``(key, value, headers)`` to publish: the record untouched when it fits
+        ``max_bytes``; otherwise the first bytes of the value (and key), with the
+        original size and SHA-256 in ``x-dlq-original-*`` headers and
+        ``x-dlq-truncated: 1``. ``minimal`` drops the value and the original
+        headers altogether (for a topic that refuses even the truncated form)."""
+        rec = self.record
+        headers = self.headers()
+        if not minimal and record_size(rec.key, rec.value, headers) <= max_bytes:
+            return rec.key, rec.value, headers
+        value = rec.value or b""
+        key = rec.key
+        extra: Headers = [
+            ("x-dlq-truncated", b"1"),
+            ("x-dlq-original-size", str(len(value)).encode()),
+            ("x-dlq-original-sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
+        if key is not None and (minimal or len(key) > TRUNCATED_KEY_BYTES):
+            extra.append(("x-dlq-original-key-size", str(len(key)).encode()))
+            extra.append(("x-dlq-original-key-sha256", hashlib.sha256(key).hexdigest().encode()))
+            key = None if minimal else key[:TRUNCATED_KEY_BYTES]
+        original = rec.headers
+        if original and (minimal or record_size(None, None, original) > TRUNCATED_HEADERS_BYTES):
+            extra.append(("x-dlq-original-headers-dropped", str(len(original)).encode()))
+            original = []
+        kept = None if minimal else value[:TRUNCATED_VALUE_BYTES]
+        return key, kept, [*original, *self._dlq_headers(), *extra]
 
 
 class DeadLetterSink(Protocol):
@@ -95,9 +151,12 @@ class PipelineStats:
     inserted: int = 0
     duplicates: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
-    db_retries: int = 0
+    db_retries: int = 0  # retries of a batch step during an outage (PostgreSQL or the DLQ)
     redis_failures: int = 0
     rebuilds: int = 0
+    reconcile_failures: int = 0
+    paused_since: float | None = None  # wall clock when the current outage began
+    pause_reason: str = ""
     first_batch_at: float | None = None  # wall clock when the first batch began
     last_batch_at: float | None = None  # wall clock when the last batch was committed
     last_batch_seconds: float = 0.0
@@ -115,14 +174,19 @@ class BatchResult:
 class _Connection:
     """One PostgreSQL connection and its writer (the writer's temp table lives on it)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, command_timeout: float) -> None:
         self._dsn = dsn
+        self._command_timeout = command_timeout
         self.conn: asyncpg.Connection | None = None
         self._writer: UsageWriter | None = None
 
     async def writer(self) -> UsageWriter:
         if self._writer is None or self.conn is None or self.conn.is_closed():
-            self.conn = await connect(self._dsn)
+            self.conn = await connect(
+                self._dsn,
+                timeout=min(10.0, self._command_timeout),
+                command_timeout=self._command_timeout,
+            )
             self._writer = UsageWriter(self.conn)
         return self._writer
 
@@ -156,6 +220,7 @@ class UsagePipeline:
         retention_days: int = 90,
         partitions_ahead_months: int = 2,
         max_backoff_s: float = 30.0,
+        command_timeout_s: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._counters = counters
@@ -165,11 +230,15 @@ class UsagePipeline:
         self._ahead = partitions_ahead_months
         self._max_backoff = max_backoff_s
         self._sleep = sleep
-        self._slots = [_Connection(database_url) for _ in range(max(1, writers))]
+        self._slots = [_Connection(database_url, command_timeout_s) for _ in range(max(1, writers))]
         self._idle: asyncio.Queue[_Connection] = asyncio.Queue()
         for slot in self._slots:
             self._idle.put_nowait(slot)
-        self._redis_dirty = True  # rebuild check on the first reconcile
+        # Redis needs a rebuild while a failure is newer than the last rebuild
+        # that started after it: a failure during a rebuild keeps it dirty.
+        self._redis_failed_gen = 1  # 1 > 0: rebuild check on the first reconcile
+        self._redis_rebuilt_gen = 0
+        self._outages = 0  # retry loops currently waiting out an outage
         self._stopped = False
         self.stats = PipelineStats()
 
@@ -246,18 +315,33 @@ class UsagePipeline:
 
         try:
             return await self._retry("PostgreSQL write", lambda: write(events), slot.drop), []
-        except asyncpg.PostgresError as exc:
-            log.warning("batch rejected by PostgreSQL (%s); isolating bad events", exc.sqlstate)
+        except Exception as exc:
+            if not is_row_fault(exc):
+                raise
+            log.warning(
+                "batch of %d rejected by PostgreSQL (%s); isolating the refused events",
+                len(events),
+                getattr(exc, "sqlstate", type(exc).__name__),
+            )
 
-        # Data error somewhere in the batch: find it one event at a time.
+        # A row's data was refused: halve until the refused events are alone.
         inserted, totals, letters = 0, {}, []
-        for e in events:
+        pending: list[list[UsageEvent]] = [events[len(events) // 2 :], events[: len(events) // 2]]
+        while pending:
+            part = pending.pop()
+            if not part:
+                continue
             try:
-                one = await self._retry("PostgreSQL write", partial(write, [e]), slot.drop)
-            except asyncpg.PostgresError as exc:
-                letters.append(
-                    DeadLetter(sources[id(e)], "rejected_by_database", f"{exc.sqlstate}: {exc}")
-                )
+                one = await self._retry("PostgreSQL write", partial(write, part), slot.drop)
+            except Exception as exc:
+                if not is_row_fault(exc):
+                    raise
+                if len(part) > 1:
+                    half = len(part) // 2
+                    pending += [part[half:], part[:half]]
+                else:
+                    detail = f"{getattr(exc, 'sqlstate', type(exc).__name__)}: {exc}"
+                    letters.append(DeadLetter(sources[id(part[0])], "rejected_by_database", detail))
                 continue
             inserted += one.inserted
             for t in one.totals:
@@ -271,22 +355,55 @@ class UsagePipeline:
         attempt: Callable[[], Awaitable[T]],
         on_failure: Callable[[], None] | None = None,
     ) -> T:
-        """Retry connection-level failures with capped exponential backoff, forever."""
+        """Run ``attempt``; on anything but a row's fault, pause and retry.
+
+        Outages (connection loss, silence, a database that would refuse any
+        row, a broker that cannot take the dead letters) are retried with
+        capped exponential backoff for as long as they last. So is an
+        unexpected exception: it is a bug of ours, not the record's, and
+        stalling loses nothing where dead-lettering valid events would.
+        """
         delay = 0.2
-        while True:
-            try:
-                return await attempt()
-            except Exception as exc:
-                if not (isinstance(exc, ServiceUnavailable) or is_connection_error(exc)):
-                    raise
-                if self._stopped:
-                    raise
-                self.stats.db_retries += 1
-                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
-                if on_failure is not None:
-                    on_failure()
-                await self._sleep(delay)
-                delay = min(delay * 2, self._max_backoff)
+        paused = False
+        try:
+            while True:
+                try:
+                    result = await attempt()
+                except Exception as exc:
+                    if is_row_fault(exc) or self._stopped:
+                        raise
+                    self.stats.db_retries += 1
+                    self.stats.pause_reason = f"{what}: {_describe(exc)}"
+                    if not paused:
+                        paused = True
+                        self._outages += 1
+                        if self.stats.paused_since is None:
+                            self.stats.paused_since = time.time()
+                        expected = is_connection_error(exc)
+                        log.error(
+                            "pipeline paused: %s failed (%s); retrying until it succeeds",
+                            what,
+                            _describe(exc),
+                            exc_info=not expected,
+                        )
+                    else:
+                        log.warning(
+                            "%s failed again (%s); retrying in %.1fs", what, _describe(exc), delay
+                        )
+                    if on_failure is not None:
+                        on_failure()
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self._max_backoff)
+                    continue
+                if paused:
+                    log.warning("pipeline resumed: %s succeeded", what)
+                return result
+        finally:
+            if paused:
+                self._outages -= 1
+                if self._outages == 0:
+                    self.stats.paused_since = None
+                    self.stats.pause_reason = ""
 
     async def _publish_counters(self, totals: list[DailyTotal]) -> None:
         if not totals:
@@ -295,13 +412,16 @@ class UsagePipeline:
             await self._counters.publish(totals)
         except ServiceUnavailable as exc:
             self.stats.redis_failures += 1
-            self._redis_dirty = True
+            self._redis_failed_gen += 1
             log.warning("Redis counters not updated (%s); will rebuild from PostgreSQL", exc)
 
     # -- housekeeping (called from a timer) ---------------------------------
 
     async def reconcile(self) -> None:
-        """Keep partitions ahead, drop expired ones, rebuild Redis if it lost its data."""
+        """Keep partitions ahead, drop expired ones, rebuild Redis if it lost its data.
+
+        Housekeeping never stops the worker: a failure is logged and counted,
+        and the next call tries again."""
         slot = await self._idle.get()
         try:
             await slot.writer()
@@ -313,17 +433,29 @@ class UsagePipeline:
                 for other in self._slots:
                     other.forget_partitions()
                 log.info("dropped expired usage_logs partitions: %s", ", ".join(dropped))
-            if self._redis_dirty or not await self._counters.is_synced():
+            failed_gen = self._redis_failed_gen
+            if failed_gen > self._redis_rebuilt_gen or not await self._counters.is_synced():
                 n = await self._counters.rebuild(slot.conn)
-                self._redis_dirty = False
+                # Only failures seen before the rebuild began are repaired by it.
+                self._redis_rebuilt_gen = max(self._redis_rebuilt_gen, failed_gen)
                 self.stats.rebuilds += 1
                 log.info("rebuilt %d Redis usage counters from PostgreSQL", n)
-        except ServiceUnavailable as exc:
-            log.warning("reconcile skipped: %s", exc)
         except Exception as exc:
-            if not is_connection_error(exc):
-                raise
-            slot.drop()
-            log.warning("reconcile skipped: %s", exc)
+            self.stats.reconcile_failures += 1
+            if is_connection_error(exc):
+                slot.drop()
+                log.warning("reconcile skipped: %s", _describe(exc))
+            else:
+                log.exception("reconcile failed; trying again at the next interval")
         finally:
             self._idle.put_nowait(slot)
+
+    @property
+    def redis_needs_rebuild(self) -> bool:
+        return self._redis_failed_gen > self._redis_rebuilt_gen
+
+
+def _describe(exc: BaseException) -> str:
+    state = getattr(exc, "sqlstate", None)
+    text = str(exc) or type(exc).__name__
+    return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"

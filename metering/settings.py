@@ -37,6 +37,7 @@ class Settings:
     writers: int = 2  # batches in flight per worker (agent actors, one DB connection each)
     session_timeout_s: float = 60.0  # a crashed worker's partitions move after this
     reconcile_interval_s: float = 30.0  # partitions ahead + Redis rebuild check
+    db_command_timeout_s: float = 30.0  # a statement silent this long is an outage: retried
     web_enabled: bool = True
     web_port: int = 6066
     web_bind: str = "127.0.0.1"
@@ -93,6 +94,8 @@ class Settings:
             raise ConfigurationError(
                 "METERING_RECONCILE_INTERVAL_S and METERING_SESSION_TIMEOUT_S must be > 0"
             )
+        if not 1 <= self.db_command_timeout_s <= 3600:
+            raise ConfigurationError("METERING_DB_COMMAND_TIMEOUT_S must be between 1 and 3600")
         if self.events_partitions < 1:
             raise ConfigurationError("METERING_EVENTS_PARTITIONS must be >= 1")
         if self.retention_days < 1:

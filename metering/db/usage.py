@@ -12,7 +12,10 @@ For a batch the writer:
 
 A redelivered event hits the (event_id, created_at) key, is not inserted and
 adds nothing, so replays are harmless; the returned totals are committed
-truth that Redis can be set to.
+truth that Redis can be set to. They cover every (user, day) the batch
+touched, also those whose events were all duplicates: a batch retried after
+its COMMIT's acknowledgement was lost inserts nothing, and Redis must still
+learn the totals that commit produced.
 """
 
 from __future__ import annotations
@@ -105,6 +108,16 @@ SELECT (SELECT count(*) FROM inserted) AS inserted,
 """
 
 
+# Totals of (user, day) pairs the batch touched but did not change (all its
+# events there were duplicates).
+TOTALS_OF = """
+SELECT d.user_id, d.date, d.request_count, d.units,
+       d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
+FROM unnest($1::uuid[], $2::date[]) AS t(user_id, date)
+JOIN daily_usage d ON d.user_id = t.user_id AND d.date = t.date
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     received: int
@@ -158,20 +171,37 @@ class UsageWriter:
                 "usage_stage", records=[to_row(e) for e in events], columns=STAGE_COLUMNS
             )
             row = await conn.fetchrow(INSERT_AND_AGGREGATE)
-        assert row is not None
-        totals = [
-            DailyTotal(u, d, r, n, x, t)
-            for u, d, r, n, x, t in zip(
-                row["user_ids"],
-                row["dates"],
-                row["requests"],
-                row["units"],
-                row["errors"],
-                row["throttled"],
-                strict=True,
-            )
-        ]
+            assert row is not None
+            totals = [
+                DailyTotal(u, d, r, n, x, t)
+                for u, d, r, n, x, t in zip(
+                    row["user_ids"],
+                    row["dates"],
+                    row["requests"],
+                    row["units"],
+                    row["errors"],
+                    row["throttled"],
+                    strict=True,
+                )
+            ]
+            if row["inserted"] < len(events):  # duplicates: some user-days may be untouched
+                totals += await self._unchanged_totals(events, totals)
         return WriteResult(len(events), row["inserted"], totals)
+
+    async def _unchanged_totals(
+        self, events: Sequence[UsageEvent], changed: list[DailyTotal]
+    ) -> list[DailyTotal]:
+        seen = {(t.user_id, t.day) for t in changed}
+        wanted = {
+            (e.user_id, e.occurred_at.date())
+            for e in events
+            if e.user_id is not None and (e.user_id, e.occurred_at.date()) not in seen
+        }
+        if not wanted:
+            return []
+        users, days = zip(*wanted, strict=True)
+        rows = await self._conn.fetch(TOTALS_OF, list(users), list(days))
+        return [DailyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     async def _ensure_partitions(self, events: Sequence[UsageEvent]) -> None:
         months = {(e.occurred_at.year, e.occurred_at.month): e.occurred_at for e in events}

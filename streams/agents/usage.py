@@ -17,8 +17,14 @@ Thin on purpose: it fetches, converts records, calls
   dedup makes the redelivery harmless.
 * On a rebalance, in-flight batches are finished and committed before the
   partitions are handed over.
-* If ``process`` raises (a bug, not an outage: outages are retried inside
-  the pipeline) the service crashes the worker without committing.
+* A record cannot make ``process`` raise: decoding turns every failure into
+  a dead letter, outages are retried inside the pipeline, and dead letters
+  too large to publish go out truncated. If it raises anyway (a bug in the
+  pipeline), the service crashes the worker without committing.
+* A commit refused because the group moved on (a drain that outlasted the
+  rebalance timeout, a coordinator change) is logged, not fatal: the
+  partitions' new owner re-reads those batches and the event-id dedup makes
+  the re-read harmless.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ from datetime import timedelta
 import mode
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+from faust.exceptions import ProducerSendError
 
 from metering.counters import UsageCounters
 from metering.errors import ServiceUnavailable
@@ -47,20 +59,56 @@ log = logging.getLogger(__name__)
 Offsets = dict[TopicPartition, int]
 
 
+_SIZE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+
+
+def _is_size_error(exc: BaseException) -> bool:
+    """The record is too large for the producer or the topic: retrying never helps."""
+    return isinstance(exc, _SIZE_ERRORS) or isinstance(exc.__cause__, _SIZE_ERRORS)
+
+
 class FaustDeadLetters:
-    """Publishes dead letters with the app's producer and waits for the acks."""
+    """Publishes dead letters with the app's producer and waits for the acks.
+
+    A letter larger than the producer's request size goes out truncated
+    (:meth:`DeadLetter.fitted`); if the broker refuses it anyway (a topic with
+    a smaller ``max.message.bytes``) it goes out without its value. Any other
+    send failure is an outage: :class:`ServiceUnavailable`, which the
+    pipeline retries (dead letters are at-least-once).
+    """
+
+    def __init__(self, max_request_bytes: int) -> None:
+        self._max_bytes = max_request_bytes - 1024
 
     async def send(self, letters: Sequence[DeadLetter]) -> None:
         try:
-            futures = [
-                await usage_dlq.send(
-                    key=letter.record.key, value=letter.record.value, headers=letter.headers()
-                )
-                for letter in letters
-            ]
-            await asyncio.gather(*futures)
-        except KafkaError as exc:
-            raise ServiceUnavailable(f"dead-letter publish failed: {exc}") from exc
+            pending = [(letter, await self._send(letter)) for letter in letters]
+            for letter, future in pending:
+                try:
+                    await future
+                except (KafkaError, ProducerSendError) as exc:
+                    if not _is_size_error(exc):
+                        raise
+                    await (await self._send(letter, minimal=True))
+        except (KafkaError, ProducerSendError) as exc:
+            raise ServiceUnavailable(f"dead-letter publish failed: {exc!r}") from exc
+
+    async def _send(self, letter: DeadLetter, *, minimal: bool = False) -> asyncio.Future[object]:
+        key, value, headers = letter.fitted(self._max_bytes, minimal=minimal)
+        if value is not letter.record.value or minimal:
+            log.warning(
+                "dead letter from %s[%d]@%d is %d bytes: published truncated",
+                letter.record.topic,
+                letter.record.partition,
+                letter.record.offset,
+                len(letter.record.value or b""),
+            )
+        try:
+            return await usage_dlq.send(key=key, value=value, headers=headers)  # type: ignore[return-value]
+        except (KafkaError, ProducerSendError) as exc:
+            if minimal or not _is_size_error(exc):
+                raise
+            return await self._send(letter, minimal=True)
 
 
 def _policy() -> TimePolicy:
@@ -74,9 +122,10 @@ redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_co
 pipeline = UsagePipeline(
     database_url=settings.database_url,
     counters=UsageCounters(redis=redis_client, prefix=settings.redis_key_prefix),
-    dead_letters=FaustDeadLetters(),
+    dead_letters=FaustDeadLetters(app.conf.producer_max_request_size),
     policy=_policy,
     writers=settings.writers,
+    command_timeout_s=settings.db_command_timeout_s,
     retention_days=settings.retention_days,
     partitions_ahead_months=settings.partitions_ahead_months,
 )
@@ -194,7 +243,17 @@ class UsageConsumer(mode.Service):
                 raise
             self._inflight.popleft()
             assert self._consumer is not None
-            await self._consumer.commit(offsets)
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:
+                # E.g. CommitFailedError / IllegalStateError after the group
+                # evicted us during a long drain: the batch is in PostgreSQL;
+                # whoever owns the partitions now re-reads it as duplicates.
+                log.warning(
+                    "offset commit refused (%r); the batch is written and will be "
+                    "redelivered as duplicates",
+                    exc,
+                )
 
     async def drain(self) -> None:
         """Finish and commit every batch in flight (rebalance, shutdown)."""

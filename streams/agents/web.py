@@ -15,7 +15,13 @@ from streams.app import app
 class Health(View):
     async def get(self, request: Request) -> Response:
         s = pipeline.stats
-        body = {"status": "ok", "batches": s.batches, "last_batch_at": s.last_batch_at}
+        body = {
+            "status": "paused" if s.paused_since else "ok",
+            "batches": s.batches,
+            "last_batch_at": s.last_batch_at,
+            "paused_since": s.paused_since,
+            "pause_reason": s.pause_reason or None,
+        }
         return self.json(body)
 
 
@@ -24,7 +30,9 @@ class Metrics(View):
     async def get(self, request: Request) -> Response:
         s = pipeline.stats
         counter, gauge = "counter", "gauge"
-        since = (time.time() - s.last_batch_at) if s.last_batch_at else -1
+        now = time.time()
+        since = (now - s.last_batch_at) if s.last_batch_at else -1
+        paused = (now - s.paused_since) if s.paused_since else 0.0
         body = render(
             [
                 Family.one("metering_batches_total", counter, "Batches committed.", s.batches),
@@ -46,7 +54,28 @@ class Metrics(View):
                     s.dead_letters,
                 ),
                 Family.one(
-                    "metering_db_retries_total", counter, "PostgreSQL retries.", s.db_retries
+                    "metering_db_retries_total",
+                    counter,
+                    "Retries of a batch step during an outage (PostgreSQL, the DLQ).",
+                    s.db_retries,
+                ),
+                Family.one(
+                    "metering_pipeline_paused",
+                    gauge,
+                    "1 while an outage pauses the pipeline (batches retried, offsets held).",
+                    int(s.paused_since is not None),
+                ),
+                Family.one(
+                    "metering_pipeline_paused_seconds",
+                    gauge,
+                    "How long the current outage has paused the pipeline (0: running).",
+                    round(paused, 3),
+                ),
+                Family.one(
+                    "metering_reconcile_failures_total",
+                    counter,
+                    "Housekeeping runs (partitions, Redis rebuild) that failed.",
+                    s.reconcile_failures,
                 ),
                 Family.one(
                     "metering_redis_failures_total",

@@ -1,0 +1,31 @@
+"""Dead letters too large for the producer go out truncated, never block."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from metering.pipeline import TRUNCATED_VALUE_BYTES, DeadLetter, RawRecord
+
+
+@pytest.mark.parametrize("size", [1_010_010, 5_000_000])
+def test_oversized_dead_letters_are_truncated_with_size_and_digest(size: int) -> None:
+    value = bytes(range(256)) * (size // 256 + 1)
+    value = value[:size]
+    rec = RawRecord(value=value, key=b"k", topic="t", partition=1, offset=7, headers=[("h", b"v")])
+    key, kept, headers = DeadLetter(rec, "too_large", "big").fitted(1_000_000 - 1024)
+    h = dict(headers)
+    assert key == b"k" and kept == value[:TRUNCATED_VALUE_BYTES]
+    assert h["x-dlq-truncated"] == b"1"
+    assert h["x-dlq-original-size"] == str(size).encode()
+    assert h["x-dlq-original-sha256"] == hashlib.sha256(value).hexdigest().encode()
+    assert h["x-dlq-reason"] == b"too_large" and h["h"] == b"v"
+    key, kept, headers = DeadLetter(rec, "too_large", "big").fitted(10_000, minimal=True)
+    assert key is None and kept is None and dict(headers)["x-dlq-original-headers-dropped"] == b"1"
+
+
+def test_dead_letters_that_fit_are_untouched() -> None:
+    rec = RawRecord(value=b"{nope", key=b"k", topic="t", headers=[("trace", b"abc")])
+    key, value, headers = DeadLetter(rec, "invalid_json", "x").fitted(1_000_000)
+    assert (key, value) == (b"k", b"{nope") and "x-dlq-truncated" not in dict(headers)
