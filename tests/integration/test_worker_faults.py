@@ -1,0 +1,209 @@
+"""The real worker through real Kafka under faults: poison records between valid
+events, a database that turns read-only for 10 s, and a drain that outlasts
+the rebalance timeout. The worker must stay up, land every valid event once
+and dead-letter exactly the poison records."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from metering.events import UsageEvent
+from tests.integration.conftest import eventually
+
+
+def valid_events(n: int, users: list[uuid.UUID]) -> list[UsageEvent]:
+    now = datetime.now(UTC)
+    return [
+        UsageEvent.new(
+            user_id=users[i % len(users)],
+            api_key_id=None,
+            endpoint="/v1/items",
+            method="GET",
+            status_code=200,
+            response_time_ms=3.0,
+            client_ip="203.0.113.5",
+            occurred_at=now - timedelta(seconds=i),
+        )
+        for i in range(n)
+    ]
+
+
+async def publish(s, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, max_request_size=2_000_000)
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send_and_wait(s.events_topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def read_dlq(s, *, settle_s: float = 2.0, timeout: float = 30.0) -> list:
+    """Everything on the DLQ topic (waits until nothing new arrives for ``settle_s``)."""
+    consumer = AIOKafkaConsumer(
+        s.dlq_topic,
+        bootstrap_servers=s.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    out: list = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline, quiet_since = loop.time() + timeout, loop.time()
+        while loop.time() < deadline and loop.time() - quiet_since < settle_s:
+            batch = await consumer.getmany(timeout_ms=300)
+            for msgs in batch.values():
+                out.extend(msgs)
+                if msgs:
+                    quiet_since = loop.time()
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_poison_records_between_valid_events_never_stop_the_worker(
+    kafka_settings, db, worker_factory
+):
+    s = kafka_settings
+    users = [uuid.uuid4() for _ in range(3)]
+    events = valid_events(60, users)
+    base = events[0].to_dict()
+    huge = b'{"event_id": "' + b"x" * 1_010_000 + b'"}'
+    poison: list[tuple[bytes | None, str]] = [
+        (
+            orjson.dumps({**base, "event_id": str(uuid.uuid4()), "client_ip": "1.2.3.4\x00"}),
+            "bad_value",
+        ),
+        (
+            orjson.dumps(
+                {**base, "event_id": str(uuid.uuid4()), "occurred_at": "0001-01-01T00:30:00+01:00"}
+            ),
+            "bad_value",
+        ),
+        (huge, "too_large"),
+        (b"\xff\xfe\x00", "invalid_json"),
+        (None, "empty_record"),
+    ]
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, e in enumerate(events):
+        records.append((e.partition_key, e.to_json()))
+        if i % 10 == 5 and i // 10 < len(poison):
+            # the same key as the valid event before it: the same partition
+            records.append((e.partition_key, poison[i // 10][0]))
+    await publish(s, records)
+
+    worker = worker_factory(s)
+
+    async def landed() -> bool:
+        worker.assert_running()
+        return await db.fetchval("SELECT count(*) FROM usage_logs") == len(events)
+
+    await eventually(landed, timeout=90, what="every valid event behind the poison records")
+    letters = await read_dlq(s)
+    worker.assert_running()
+    got = sorted(dict(m.headers)["x-dlq-reason"].decode() for m in letters)
+    assert got == sorted(reason for _, reason in poison)
+    [big] = [m for m in letters if dict(m.headers).get("x-dlq-truncated") == b"1"]
+    h = dict(big.headers)
+    assert h["x-dlq-original-size"] == str(len(huge)).encode()
+    assert h["x-dlq-original-sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    assert big.value == huge[: len(big.value)] and 0 < len(big.value) < 64 * 1024
+    assert sum(r for (r,) in await db.fetch("SELECT request_count FROM daily_usage")) == 60
+
+
+async def test_a_read_only_database_pauses_the_worker_and_loses_nothing(
+    kafka_settings, db, worker_factory
+):
+    s = kafka_settings
+    users = [uuid.uuid4() for _ in range(3)]
+    first, second = valid_events(20, users), valid_events(50, users)
+    await publish(s, [(e.partition_key, e.to_json()) for e in first])
+    worker = worker_factory(s)
+
+    async def count(n: int) -> bool:
+        worker.assert_running()
+        return await db.fetchval("SELECT count(*) FROM usage_logs") == n
+
+    await eventually(lambda: count(20), timeout=90, what="the first events")
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    try:
+        # a demoted primary: every session the worker opens from now on is read-only
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        await publish(s, [(e.partition_key, e.to_json()) for e in second])
+        paused_seen = False
+        for _ in range(20):  # 10 s read-only
+            await asyncio.sleep(0.5)
+            assert await db.fetchval("SELECT count(*) FROM usage_logs") == 20
+            m = await worker.metrics()
+            paused_seen |= m.get("metering_pipeline_paused") == 1
+        assert paused_seen
+    finally:
+        await db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+    await eventually(lambda: count(70), timeout=60, what="the events held during the outage")
+    m = await worker.metrics()
+    assert not any(k.startswith("metering_dead_letters_total") and v for k, v in m.items())
+    assert m["metering_pipeline_paused"] == 0 and m["metering_db_retries_total"] >= 1
+    assert await read_dlq(s, settle_s=1.0) == []
+
+
+async def test_a_drain_longer_than_the_rebalance_timeout_does_not_crash_the_worker(
+    kafka_settings, db, worker_factory
+):
+    """Worker 1's batch is stuck behind a table lock when worker 2 joins; the
+    group evicts worker 1 (rebalance timeout = 6 s session timeout) while it
+    drains, so its offset commit is refused once the batch lands."""
+    s = kafka_settings
+    users = [uuid.uuid4() for _ in range(6)]
+    first, second = valid_events(20, users), valid_events(30, users)
+    await publish(s, [(e.partition_key, e.to_json()) for e in first])
+    env = {"METERING_WRITERS": "1", "METERING_DB_COMMAND_TIMEOUT_S": "120"}
+    w1 = worker_factory(s, **env)
+
+    async def count(n: int) -> bool:
+        return await db.fetchval("SELECT count(*) FROM usage_logs") == n
+
+    await eventually(lambda: count(20), timeout=90, what="the first events")
+    lock = db.transaction()
+    await lock.start()
+    try:
+        await db.execute("LOCK TABLE daily_usage IN EXCLUSIVE MODE")  # reads pass, writes wait
+        await publish(s, [(e.partition_key, e.to_json()) for e in second])
+
+        async def blocked() -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await eventually(blocked, timeout=30, what="worker 1's batch to wait on the lock")
+        w2 = worker_factory(s, **env)
+        await asyncio.sleep(18)  # w2 starts, joins; w1 misses the rebalance and is evicted
+    finally:
+        await lock.commit()
+
+    async def all_landed() -> bool:
+        w1.assert_running()
+        w2.assert_running()
+        return await count(50)
+
+    await eventually(all_landed, timeout=60, what="every event once the lock is gone")
+    await asyncio.sleep(3)
+    w1.assert_running()
+    w2.assert_running()
+    assert await db.fetchval("SELECT sum(request_count) FROM daily_usage") == 50
+    assert "offset commit refused" in w1.log_path.read_text()
