@@ -39,10 +39,18 @@ ENDPOINTS = [
 ]
 STATUSES = [(200, 86), (201, 4), (400, 3), (403, 1), (404, 3), (429, 2), (500, 1)]
 
+_EVENT_SHAPE = (
+    '{"event_id": "6f1c9a52-8d3e-4f61-9a7b-2c4d5e6f7a8b", "occurred_at": "%s",'
+    ' "user_id": null, "api_key_id": null, "endpoint": "/v1/x", "method": "GET",'
+    ' "status_code": 200, "response_time_ms": 1, "client_ip": "%s", "schema_version": 1}'
+)
 BAD_RECORDS = [
     (b"not json at all", "invalid_json"),
     (b'{"event_id": "x"}', "missing_field"),
     (None, "empty_record"),
+    # records that once stopped the worker for good (issue #7)
+    ((_EVENT_SHAPE % ("2026-01-01T00:00:00Z", "203.0.113.1\\u0000")).encode(), "bad_value"),
+    ((_EVENT_SHAPE % ("0001-01-01T00:30:00+01:00", "203.0.113.1")).encode(), "bad_value"),
 ]
 
 
