@@ -36,6 +36,7 @@ dead letter; nothing a record contains can stop the pipeline):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -202,7 +203,10 @@ class _Connection:
     async def close(self) -> None:
         conn, self.conn, self._writer = self.conn, None, None
         if conn is not None and not conn.is_closed():
-            await conn.close()
+            try:
+                await conn.close(timeout=5)  # a silent server must not hold up shutdown
+            except Exception:
+                conn.terminate()
 
 
 class UsagePipeline:
@@ -221,7 +225,6 @@ class UsagePipeline:
         partitions_ahead_months: int = 2,
         max_backoff_s: float = 30.0,
         command_timeout_s: float = 30.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._counters = counters
         self._dead_letters = dead_letters
@@ -229,7 +232,6 @@ class UsagePipeline:
         self._retention_days = retention_days
         self._ahead = partitions_ahead_months
         self._max_backoff = max_backoff_s
-        self._sleep = sleep
         self._slots = [_Connection(database_url, command_timeout_s) for _ in range(max(1, writers))]
         self._idle: asyncio.Queue[_Connection] = asyncio.Queue()
         for slot in self._slots:
@@ -240,6 +242,7 @@ class UsagePipeline:
         self._redis_rebuilt_gen = 0
         self._outages = 0  # retry loops currently waiting out an outage
         self._stopped = False
+        self._interrupted = asyncio.Event()
         self.stats = PipelineStats()
 
     # -- lifecycle ---------------------------------------------------------
@@ -247,11 +250,19 @@ class UsagePipeline:
     async def start(self) -> None:
         """Connect eagerly (optional: every path connects on first use)."""
         self._stopped = False
+        self._interrupted = asyncio.Event()
         for slot in self._slots:
             await slot.writer()
 
-    async def stop(self) -> None:
+    def interrupt(self) -> None:
+        """Stop waiting out outages (shutdown): a batch that is retrying raises
+        its last error at once instead of trying again, so it is not
+        acknowledged and Kafka redelivers it. Healthy batches are unaffected."""
         self._stopped = True
+        self._interrupted.set()
+
+    async def stop(self) -> None:
+        self.interrupt()
         for slot in self._slots:
             await slot.close()
 
@@ -392,7 +403,10 @@ class UsagePipeline:
                         )
                     if on_failure is not None:
                         on_failure()
-                    await self._sleep(delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._interrupted.wait(), delay)
+                    if self._stopped:
+                        raise
                     delay = min(delay * 2, self._max_backoff)
                     continue
                 if paused:

@@ -151,6 +151,7 @@ class UsageConsumer(mode.Service):
         self._inflight: deque[tuple[asyncio.Task[object], Offsets]] = deque()
         self._retire_lock = asyncio.Lock()
         self._fetching = True
+        self._stopping = False
         self._loop_done = asyncio.Event()
 
     async def on_start(self) -> None:
@@ -175,6 +176,10 @@ class UsageConsumer(mode.Service):
         self._fetching = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._loop_done.wait(), settings.batch_within_s + 5)
+        # Don't wait out an outage on shutdown: batches still failing are
+        # abandoned uncommitted (redelivered); healthy ones finish and commit.
+        self._stopping = True
+        pipeline.interrupt()
         if self._consumer is not None:
             try:
                 await self.drain()
@@ -235,6 +240,9 @@ class UsageConsumer(mode.Service):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stopping:
+                    self._abandon_inflight()
+                    return
                 log.critical(
                     "usage batch could not be persisted; stopping without committing it",
                     exc_info=True,
@@ -254,6 +262,21 @@ class UsageConsumer(mode.Service):
                     "redelivered as duplicates",
                     exc,
                 )
+
+    def _abandon_inflight(self) -> None:
+        """Shutdown during an outage: commit nothing more (a later batch's offsets
+        would skip the unwritten one); Kafka redelivers them all."""
+        log.warning(
+            "stopping during an outage: %d batch(es) in flight not written and not "
+            "committed; Kafka will redeliver them",
+            len(self._inflight),
+        )
+        for task, _ in self._inflight:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
+        self._inflight.clear()
 
     async def drain(self) -> None:
         """Finish and commit every batch in flight (rebalance, shutdown)."""

@@ -207,3 +207,46 @@ async def test_a_drain_longer_than_the_rebalance_timeout_does_not_crash_the_work
     w2.assert_running()
     assert await db.fetchval("SELECT sum(request_count) FROM daily_usage") == 50
     assert "offset commit refused" in w1.log_path.read_text()
+
+
+async def test_sigterm_during_an_outage_exits_promptly_and_loses_nothing(
+    kafka_settings, db, worker_factory
+):
+    s = kafka_settings
+    users = [uuid.uuid4() for _ in range(3)]
+    first, second = valid_events(10, users), valid_events(30, users)
+    await publish(s, [(e.partition_key, e.to_json()) for e in first])
+    w1 = worker_factory(s)
+
+    async def count(n: int) -> bool:
+        return await db.fetchval("SELECT count(*) FROM usage_logs") == n
+
+    await eventually(lambda: count(10), timeout=90, what="the first events")
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    try:
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        await publish(s, [(e.partition_key, e.to_json()) for e in second])
+
+        async def paused() -> bool:
+            return (await w1.metrics()).get("metering_pipeline_paused") == 1
+
+        await eventually(paused, timeout=30, what="worker 1 to pause")
+        started = asyncio.get_running_loop().time()
+        assert w1.stop(timeout=30) == 0  # SIGTERM: give up waiting, commit nothing unwritten
+        assert asyncio.get_running_loop().time() - started < 20
+        assert "not written and not committed" in w1.log_path.read_text()
+    finally:
+        await db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+    w2 = worker_factory(s)
+
+    async def all_landed() -> bool:
+        w2.assert_running()
+        return await count(40)
+
+    await eventually(all_landed, timeout=90, what="worker 2 to land what worker 1 could not")
+    assert await db.fetchval("SELECT sum(request_count) FROM daily_usage") == 40
+    assert await read_dlq(s, settle_s=1.0) == []
