@@ -115,10 +115,14 @@ class DeadLetter:
         """``(key, value, headers)`` to publish: the record untouched when it fits
         ``max_bytes``; otherwise the first bytes of the value (and key), with the
         original size and SHA-256 in ``x-dlq-original-*`` headers and
-        ``x-dlq-truncated: 1``. ``minimal`` drops the value and the original
-        headers altogether (for a topic that refuses even the truncated form)."""
+        ``x-dlq-truncated: 1``. ``minimal`` keeps an empty value, no key and
+        none of the original headers (for a topic that refuses even the
+        truncated form). Never both key and value None: producers refuse that."""
         rec = self.record
         headers = self.headers()
+        if rec.key is None and rec.value is None:
+            # Kafka producers refuse a record with neither key nor value
+            return None, b"", [*headers, ("x-dlq-original-value", b"null")]
         if not minimal and record_size(rec.key, rec.value, headers) <= max_bytes:
             return rec.key, rec.value, headers
         value = rec.value or b""
@@ -136,8 +140,17 @@ class DeadLetter:
         if original and (minimal or record_size(None, None, original) > TRUNCATED_HEADERS_BYTES):
             extra.append(("x-dlq-original-headers-dropped", str(len(original)).encode()))
             original = []
-        kept = None if minimal else value[:TRUNCATED_VALUE_BYTES]
+        kept = b"" if minimal else value[:TRUNCATED_VALUE_BYTES]
         return key, kept, [*original, *self._dlq_headers(), *extra]
+
+
+# A batch of at least this many events, every one refused by PostgreSQL for
+# the same reason, is an outage (a schema or partition problem), not bad data.
+SYSTEMIC_REJECTION_MIN = 10
+
+
+class SystemicRejection(ServiceUnavailable):
+    """PostgreSQL refused every event of a batch the same way: pause, don't dead-letter."""
 
 
 class DeadLetterSink(Protocol):
@@ -260,6 +273,10 @@ class UsagePipeline:
         acknowledged and Kafka redelivers it. Healthy batches are unaffected."""
         self._stopped = True
         self._interrupted.set()
+        if self._outages:
+            # an attempt may be blocked on a silent connection: cut it now
+            for slot in self._slots:
+                slot.drop()
 
     async def stop(self) -> None:
         self.interrupt()
@@ -332,11 +349,25 @@ class UsagePipeline:
             log.warning(
                 "batch of %d rejected by PostgreSQL (%s); isolating the refused events",
                 len(events),
-                getattr(exc, "sqlstate", type(exc).__name__),
+                _describe(exc),
             )
+        return await self._retry(
+            "PostgreSQL write (isolating refused events)",
+            lambda: self._isolate(slot, write, events, sources),
+        )
 
-        # A row's data was refused: halve until the refused events are alone.
-        inserted, totals, letters = 0, {}, []
+    async def _isolate(
+        self,
+        slot: _Connection,
+        write: Callable[[Sequence[UsageEvent]], Awaitable[WriteResult]],
+        events: list[UsageEvent],
+        sources: dict[int, RawRecord],
+    ) -> tuple[WriteResult, list[DeadLetter]]:
+        """Halve the batch until the refused events are alone; write the rest."""
+        slot.forget_partitions()  # a partition dropped meanwhile is re-created, not blamed on rows
+        inserted = 0
+        totals: dict[tuple[object, object], DailyTotal] = {}
+        refused: list[tuple[UsageEvent, BaseException]] = []
         pending: list[list[UsageEvent]] = [events[len(events) // 2 :], events[: len(events) // 2]]
         while pending:
             part = pending.pop()
@@ -351,8 +382,28 @@ class UsagePipeline:
                     half = len(part) // 2
                     pending += [part[half:], part[:half]]
                 else:
-                    detail = f"{getattr(exc, 'sqlstate', type(exc).__name__)}: {exc}"
-                    letters.append(DeadLetter(sources[id(part[0])], "rejected_by_database", detail))
+                    refused.append((part[0], exc))
+                continue
+            inserted += one.inserted
+            for t in one.totals:
+                totals[(t.user_id, t.day)] = t
+        causes = {_cause(exc) for _, exc in refused}
+        if len(refused) == len(events) >= SYSTEMIC_REJECTION_MIN and len(causes) == 1:
+            # Every event refused for the same reason: the schema, not the data
+            # (valid events passed the contract). Pause instead of dead-lettering.
+            raise SystemicRejection(
+                f"all {len(events)} events of the batch refused with {_describe(refused[0][1])}"
+            )
+        # A refusal is confirmed by a second attempt before it costs an event
+        # its place in billing: the schema may have been fixed during the pass.
+        letters = []
+        for e, _ in refused:
+            try:
+                one = await self._retry("PostgreSQL write", partial(write, [e]), slot.drop)
+            except Exception as exc:
+                if not is_row_fault(exc):
+                    raise
+                letters.append(DeadLetter(sources[id(e)], "rejected_by_database", _describe(exc)))
                 continue
             inserted += one.inserted
             for t in one.totals:
@@ -454,10 +505,15 @@ class UsagePipeline:
                 self._redis_rebuilt_gen = max(self._redis_rebuilt_gen, failed_gen)
                 self.stats.rebuilds += 1
                 log.info("rebuilt %d Redis usage counters from PostgreSQL", n)
+        except ServiceUnavailable as exc:  # Redis, or no PostgreSQL connection
+            self.stats.reconcile_failures += 1
+            log.warning("reconcile skipped: %s", exc)
         except Exception as exc:
             self.stats.reconcile_failures += 1
-            if is_connection_error(exc):
-                slot.drop()
+            slot.drop()  # whatever happened, the next run starts on a fresh connection
+            if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)) or (
+                getattr(exc, "sqlstate", "") or ""
+            ).startswith(("08", "57P")):
                 log.warning("reconcile skipped: %s", _describe(exc))
             else:
                 log.exception("reconcile failed; trying again at the next interval")
@@ -467,6 +523,17 @@ class UsagePipeline:
     @property
     def redis_needs_rebuild(self) -> bool:
         return self._redis_failed_gen > self._redis_rebuilt_gen
+
+
+def _cause(exc: BaseException) -> tuple[object, ...]:
+    """What a refusal blames: the same tuple for every row means the schema."""
+    return (
+        type(exc).__name__,
+        getattr(exc, "sqlstate", None),
+        getattr(exc, "table_name", None),
+        getattr(exc, "column_name", None),
+        getattr(exc, "constraint_name", None),
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,6 +1,11 @@
 -- 0005: partition creation that is idempotent under concurrency, and a
 -- daily bytes_out sum that cannot overflow.
 
+-- The column change below rewrites daily_usage under an ACCESS EXCLUSIVE
+-- lock: rather than queue every writer behind a long analyst query, give up
+-- after 10 s (the migration fails with a clear error; run it again).
+SET LOCAL lock_timeout = '10s';
+
 -- Two sessions creating the same month: the loser waited on the advisory
 -- lock, but its re-check can run on a catalog snapshot that misses the
 -- winner's commit and CREATE answers 42P07. "Already exists" is success.

@@ -10,6 +10,8 @@ transactions (25006, what a demoted primary answers), statement timeouts
 (57014), permission errors (42501), I/O errors (58030), a missing table
 (42P01) and everything else not in classes 22/23 are outages: dead-lettering
 valid events because the database is unwell would lose them from billing.
+(The pipeline adds one more guard: a batch whose every event is refused
+with the same error is treated as an outage too; see metering.pipeline.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 import socket
 
 import asyncpg
-from asyncpg.exceptions import _base as asyncpg_base
 
 from metering.errors import ServiceUnavailable
 
@@ -35,10 +36,15 @@ KEEPALIVE_INTERVAL_S = 5
 KEEPALIVE_COUNT = 3
 
 
+class RowDataError(Exception):
+    """A value in the batch could not be encoded for PostgreSQL (client side:
+    asyncpg's COPY raises plain TypeError / ValueError / OverflowError)."""
+
+
 def is_row_fault(exc: BaseException) -> bool:
     """True when the database refused this row's data (other rows can still succeed)."""
-    if isinstance(exc, asyncpg_base.DataError):
-        return True  # client side: asyncpg could not encode a value of the row
+    if isinstance(exc, RowDataError):
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
         return state.startswith(_ROW_FAULT_CLASSES)
@@ -52,8 +58,6 @@ def is_connection_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, (OSError, asyncio.TimeoutError)):
         return True
-    if isinstance(exc, asyncpg_base.DataError):
-        return False
     if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
         # The client lost the connection or track of the protocol (e.g. the
         # server killed the backend mid-statement): the server rolled back

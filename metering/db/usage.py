@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from metering.counters import DailyTotal
+from metering.db.connect import RowDataError
 from metering.db.partitions import month_partition
 from metering.events import UsageEvent
 
@@ -167,9 +168,13 @@ class UsageWriter:
             await conn.execute(CREATE_STAGE)
             self._stage_ready = True
         async with conn.transaction():
-            await conn.copy_records_to_table(
-                "usage_stage", records=[to_row(e) for e in events], columns=STAGE_COLUMNS
-            )
+            try:
+                await conn.copy_records_to_table(
+                    "usage_stage", records=[to_row(e) for e in events], columns=STAGE_COLUMNS
+                )
+            except (TypeError, ValueError, OverflowError) as exc:
+                # asyncpg encodes COPY rows client side and raises these bare
+                raise RowDataError(f"a value could not be encoded: {exc}") from exc
             row = await conn.fetchrow(INSERT_AND_AGGREGATE)
             assert row is not None
             totals = [

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import timedelta
 
 import mode
@@ -67,35 +67,56 @@ def _is_size_error(exc: BaseException) -> bool:
     return isinstance(exc, _SIZE_ERRORS) or isinstance(exc.__cause__, _SIZE_ERRORS)
 
 
+_KAFKA_ERRORS = (KafkaError, ProducerSendError)
+
+
 class FaustDeadLetters:
     """Publishes dead letters with the app's producer and waits for the acks.
 
     A letter larger than the producer's request size goes out truncated
-    (:meth:`DeadLetter.fitted`); if the broker refuses it anyway (a topic with
-    a smaller ``max.message.bytes``) it goes out without its value. Any other
-    send failure is an outage: :class:`ServiceUnavailable`, which the
-    pipeline retries (dead letters are at-least-once).
+    (:meth:`DeadLetter.fitted`); if it is refused for its size anyway (a DLQ
+    topic with a smaller ``max.message.bytes``) or by the client itself, it
+    goes out minimal (headers and an empty value). A letter not even that can
+    be published is logged and counted (``unpublishable``), never retried:
+    a refusal that never heals must not stall the partition. Any other
+    failure (timeouts, a broker away) is an outage: :class:`ServiceUnavailable`,
+    which the pipeline retries (dead letters are at-least-once).
     """
 
     def __init__(self, max_request_bytes: int) -> None:
         self._max_bytes = max_request_bytes - 1024
+        self.unpublishable = 0
 
     async def send(self, letters: Sequence[DeadLetter]) -> None:
-        try:
-            pending = [(letter, await self._send(letter)) for letter in letters]
-            for letter, future in pending:
-                try:
-                    await future
-                except (KafkaError, ProducerSendError) as exc:
-                    if not _is_size_error(exc):
-                        raise
-                    await (await self._send(letter, minimal=True))
-        except (KafkaError, ProducerSendError) as exc:
-            raise ServiceUnavailable(f"dead-letter publish failed: {exc!r}") from exc
+        outage: BaseException | None = None
+        pending: list[tuple[DeadLetter, Awaitable[object]]] = []
+        for letter in letters:
+            try:
+                pending.append((letter, await self._enqueue(letter)))
+            except _KAFKA_ERRORS as exc:
+                outage = exc
+                break
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        for (letter, _), result in zip(pending, results, strict=True):
+            if not isinstance(result, BaseException):
+                continue
+            if not _is_size_error(result):
+                outage = outage or result
+                continue
+            try:
+                await (await self._enqueue(letter, minimal=True))
+            except _KAFKA_ERRORS as exc:
+                if not _is_size_error(exc):
+                    outage = outage or exc
+                    continue
+                self._give_up(letter, exc)
+        if outage is not None:
+            raise ServiceUnavailable(f"dead-letter publish failed: {outage!r}") from outage
 
-    async def _send(self, letter: DeadLetter, *, minimal: bool = False) -> asyncio.Future[object]:
+    async def _enqueue(self, letter: DeadLetter, *, minimal: bool = False) -> Awaitable[object]:
+        """Hand one letter to the producer; the returned future resolves on the ack."""
         key, value, headers = letter.fitted(self._max_bytes, minimal=minimal)
-        if value is not letter.record.value or minimal:
+        if value is not letter.record.value and value:
             log.warning(
                 "dead letter from %s[%d]@%d is %d bytes: published truncated",
                 letter.record.topic,
@@ -104,11 +125,29 @@ class FaustDeadLetters:
                 len(letter.record.value or b""),
             )
         try:
-            return await usage_dlq.send(key=key, value=value, headers=headers)  # type: ignore[return-value]
-        except (KafkaError, ProducerSendError) as exc:
+            return await usage_dlq.send(key=key, value=value, headers=headers)
+        except _KAFKA_ERRORS as exc:
             if minimal or not _is_size_error(exc):
                 raise
-            return await self._send(letter, minimal=True)
+        except Exception as exc:  # the client refused the record before Kafka saw it
+            if minimal:
+                return self._give_up(letter, exc)
+        return await self._enqueue(letter, minimal=True)
+
+    def _give_up(self, letter: DeadLetter, exc: BaseException) -> Awaitable[object]:
+        self.unpublishable += 1
+        log.critical(
+            "dead letter from %s[%d]@%d (%s) cannot be published even without its value "
+            "(%r); skipped: the record stays in the source topic for its retention",
+            letter.record.topic,
+            letter.record.partition,
+            letter.record.offset,
+            letter.reason,
+            exc,
+        )
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
 
 def _policy() -> TimePolicy:
@@ -118,11 +157,12 @@ def _policy() -> TimePolicy:
     )
 
 
+dead_letters = FaustDeadLetters(app.conf.producer_max_request_size)
 redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
 pipeline = UsagePipeline(
     database_url=settings.database_url,
     counters=UsageCounters(redis=redis_client, prefix=settings.redis_key_prefix),
-    dead_letters=FaustDeadLetters(app.conf.producer_max_request_size),
+    dead_letters=dead_letters,
     policy=_policy,
     writers=settings.writers,
     command_timeout_s=settings.db_command_timeout_s,
@@ -241,7 +281,7 @@ class UsageConsumer(mode.Service):
                 raise
             except Exception as exc:
                 if self._stopping:
-                    self._abandon_inflight()
+                    await self._abandon_inflight()
                     return
                 log.critical(
                     "usage batch could not be persisted; stopping without committing it",
@@ -250,9 +290,17 @@ class UsageConsumer(mode.Service):
                 await self.crash(exc)
                 raise
             self._inflight.popleft()
-            assert self._consumer is not None
+            consumer = self._consumer
+            assert consumer is not None
+            # Partitions handed over since the fetch are the new owner's to commit.
+            owned = consumer.assignment()
+            if handed_over := sorted(tp.partition for tp in offsets if tp not in owned):
+                log.info("not committing offsets of partitions handed over: %s", handed_over)
+                offsets = {tp: offset for tp, offset in offsets.items() if tp in owned}
+                if not offsets:
+                    return
             try:
-                await self._consumer.commit(offsets)
+                await consumer.commit(offsets)
             except KafkaError as exc:
                 # E.g. CommitFailedError / IllegalStateError after the group
                 # evicted us during a long drain: the batch is in PostgreSQL;
@@ -263,7 +311,7 @@ class UsageConsumer(mode.Service):
                     exc,
                 )
 
-    def _abandon_inflight(self) -> None:
+    async def _abandon_inflight(self) -> None:
         """Shutdown during an outage: commit nothing more (a later batch's offsets
         would skip the unwritten one); Kafka redelivers them all."""
         log.warning(
@@ -271,12 +319,14 @@ class UsageConsumer(mode.Service):
             "committed; Kafka will redeliver them",
             len(self._inflight),
         )
-        for task, _ in self._inflight:
-            if not task.done():
-                task.cancel()
-            elif not task.cancelled():
-                task.exception()  # retrieved: no "never retrieved" warning
+        tasks = [task for task, _ in self._inflight]
         self._inflight.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=5)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
 
     async def drain(self) -> None:
         """Finish and commit every batch in flight (rebalance, shutdown)."""

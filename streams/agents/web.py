@@ -7,7 +7,7 @@ import time
 from faust.web import Request, Response, View
 
 from metering.metrics import CONTENT_TYPE, Family, render
-from streams.agents.usage import pipeline
+from streams.agents.usage import dead_letters, pipeline
 from streams.app import app
 
 
@@ -52,6 +52,12 @@ class Metrics(View):
                     "Records sent to the dead-letter topic, by reason.",
                     "reason",
                     s.dead_letters,
+                ),
+                Family.one(
+                    "metering_dead_letters_unpublishable_total",
+                    counter,
+                    "Dead letters the DLQ refused even without their value (skipped, logged).",
+                    dead_letters.unpublishable,
                 ),
                 Family.one(
                     "metering_db_retries_total",

@@ -79,7 +79,7 @@ async def test_read_only_database_pauses_the_pipeline_and_dead_letters_nothing(
         await p.process(raw([event(user, now)]))
         await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
         await db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
         batch = [event(user, now - timedelta(seconds=i)) for i in range(20)]
@@ -326,3 +326,56 @@ async def test_a_failing_reconcile_is_logged_and_tried_again(
         )
         await asyncio.wait_for(p.reconcile(), 10)
     assert p.stats.reconcile_failures == 1 and p.stats.rebuilds == 1
+
+
+async def test_every_event_refused_the_same_way_is_an_outage_not_bad_data(
+    database_url, db, redis_client, redis_prefix
+):
+    """A constraint no event can meet (schema drift in a rolling deploy) must
+    not dead-letter a whole batch of valid events."""
+    await db.execute("ALTER TABLE usage_logs ADD CONSTRAINT drift CHECK (false) NOT VALID")
+    user = uuid.uuid4()
+    now = datetime.now(UTC)
+    batch = [event(user, now - timedelta(seconds=i)) for i in range(12)]
+    async with pipeline_for(database_url, redis_client, redis_prefix) as p:
+        task = asyncio.create_task(p.process(raw(batch)))
+        try:
+            await asyncio.sleep(2)
+            assert not task.done()
+            assert p.stats.paused_since is not None
+            assert letters_of(p).letters == []
+        finally:
+            await db.execute("ALTER TABLE usage_logs DROP CONSTRAINT drift")
+        result = await asyncio.wait_for(task, 20)
+    assert (result.inserted, result.dead_letters) == (12, 0)
+
+
+async def test_a_value_asyncpg_cannot_encode_is_the_rows_fault(database_url):
+    """COPY encodes rows client side and raises bare TypeError/OverflowError."""
+    from metering.db import RowDataError, is_row_fault
+    from metering.events import UsageEvent as Event
+
+    bad = Event(
+        event_id=uuid.uuid4(),
+        occurred_at=datetime.now(UTC),
+        user_id=uuid.uuid4(),
+        api_key_id=None,
+        endpoint="/x",
+        method="GET",
+        status_code=70_000,  # past smallint: the contract never lets this through
+        response_time_ms=1.0,
+        client_ip="203.0.113.1",
+    )
+    conn = await asyncpg.connect(database_url)
+    try:
+        writer = UsageWriter(conn)
+        try:
+            await writer.write([bad])
+        except RowDataError as exc:
+            assert is_row_fault(exc)
+        else:
+            raise AssertionError("the write should have failed")
+        good = event(uuid.uuid4(), datetime.now(UTC))
+        assert (await writer.write([good])).inserted == 1  # the connection still works
+    finally:
+        await conn.close()
