@@ -383,7 +383,7 @@ class MeteringEdge:
                 Family.one(
                     "metering_edge_events_emitted_total",
                     counter,
-                    "Usage events accepted into the producer buffer.",
+                    "Usage events offered to the producer (= sent + dropped + buffered).",
                     p.emitted,
                 ),
                 Family.one(
@@ -395,7 +395,8 @@ class MeteringEdge:
                 Family.one(
                     "metering_edge_events_dropped_total",
                     counter,
-                    "Usage events dropped: buffer full, too large, or emitted during shutdown.",
+                    "Usage events lost: buffer full, too large, emitted during shutdown, or "
+                    "still unsent when shutdown ran out of time.",
                     p.dropped,
                 ),
                 Family.one(
@@ -407,7 +408,7 @@ class MeteringEdge:
                 Family.one(
                     "metering_edge_events_buffered",
                     "gauge",
-                    "Usage events waiting for Kafka.",
+                    "Usage events waiting for Kafka or in flight to it.",
                     self.producer.buffered,
                 ),
             ]

@@ -9,7 +9,13 @@ each user's counters.
 When Kafka is unreachable the buffer holds events and sends are retried with
 backoff; only when the buffer is full are new events dropped, and every drop
 is counted (``stats.dropped``). ``stop()`` flushes what is buffered, bounded
-by a timeout.
+by a timeout; whatever it could not send is counted as dropped (and as
+``stats.abandoned``) and logged, so at every moment
+
+    emitted == sent + dropped + buffered
+
+where ``buffered`` includes the events handed to Kafka and not yet
+acknowledged.
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ _DRAIN = 10_000  # events handed to aiokafka per round at most
 
 @dataclass(slots=True)
 class ProducerStats:
-    emitted: int = 0  # accepted into the buffer
+    emitted: int = 0  # every event offered to emit()/emit_raw()
     sent: int = 0  # acknowledged by the broker
-    dropped: int = 0  # buffer full
+    dropped: int = 0  # never sent: buffer full, too large, emitted while stopping, abandoned
+    abandoned: int = 0  # of dropped: still held when stop() ran out of time
     retried: int = 0  # send attempts that failed and were put back
     send_errors: int = 0
 
@@ -71,11 +78,14 @@ class UsageProducer:
         self._partition_of: dict[bytes, int] = {}  # murmur2 is pure Python: remember it per key
         self._partition_count = 0
         self._closing = False
+        self._held = 0  # accepted, not yet acknowledged or dropped (queue + in flight)
+        self._abandoned_at_stop = False
         self.stats = ProducerStats()
 
     @property
     def buffered(self) -> int:
-        return self._queue.qsize()
+        """Events accepted and not yet acknowledged (waiting or in flight)."""
+        return self._held
 
     def emit(self, event: UsageEvent) -> bool:
         """Queue one event; False if it was dropped because the buffer is full."""
@@ -86,6 +96,7 @@ class UsageProducer:
 
     def emit_raw(self, key: bytes, value: bytes | None) -> bool:
         """Queue pre-encoded bytes as they are (tools and tests; no validation)."""
+        self.stats.emitted += 1
         if self._closing:
             self.stats.dropped += 1
             return False
@@ -96,30 +107,51 @@ class UsageProducer:
             if self.stats.dropped in (1, 10, 100) or self.stats.dropped % 1000 == 0:
                 log.warning("usage event buffer full: %d events dropped", self.stats.dropped)
             return False
-        self.stats.emitted += 1
+        self._held += 1
         return True
 
     async def start(self) -> None:
         if self._task is None:
             self._closing = False
+            self._abandoned_at_stop = False
             self._task = asyncio.create_task(self._run(), name="metering-producer")
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Flush buffered events (up to ``timeout`` seconds), then close. Idempotent."""
+        """Flush buffered events (up to ``timeout`` seconds), then close. Idempotent.
+
+        Events still held when the time is up are lost with the process: they
+        are counted as dropped and abandoned, and logged as an error."""
         if self._task is None:
             return
         self._closing = True
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout)
-        except TimeoutError:
-            log.warning("producer stopped with %d events unsent", self._queue.qsize())
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
         if self._kafka is not None:
-            await self._kafka.stop()
-            self._kafka = None
+            kafka, self._kafka = self._kafka, None
+            try:  # delivers what aiokafka still holds, if the broker answers soon
+                await asyncio.wait_for(kafka.stop(), 5 if self._held else 30)
+            except TimeoutError:
+                log.warning("Kafka producer did not close in time; closing its connections")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(kafka.client.close(), 2)
+        if self._held:
+            lost, self._held = self._held, 0
+            self._abandoned_at_stop = True
+            self.stats.dropped += lost
+            self.stats.abandoned += lost
+            log.error(
+                "producer stopped with %d usage events unsent (Kafka unreachable for %.0fs): "
+                "they are lost and counted as dropped",
+                lost,
+                timeout,
+            )
+        while not self._queue.empty():  # forget them: they are counted
+            self._queue.get_nowait()
+            self._queue.task_done()
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything emitted so far is acknowledged by the broker."""
@@ -203,6 +235,7 @@ class UsageProducer:
                     n += 1
                 if n == 0:  # a single record larger than a batch: cannot be sent
                     self.stats.dropped += 1
+                    self._held -= 1
                     self.stats.send_errors += 1
                     log.error(
                         "usage event of %d bytes exceeds the batch size", len(group[0][1] or b"")
@@ -234,7 +267,15 @@ class UsageProducer:
                 delay = min(delay * 2, self._max_backoff)
 
     def _delivered(self, fut: asyncio.Future[object], items: list[_Item]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
+        failed = fut.cancelled() or fut.exception() is not None
+        if self._abandoned_at_stop:
+            # stop() already counted these as dropped: a late ack moves them to sent
+            if not failed:
+                self.stats.sent += len(items)
+                self.stats.dropped -= len(items)
+                self.stats.abandoned -= len(items)
+            return
+        if failed:
             # aiokafka already retried within its delivery timeout; keep the
             # events and try again later rather than lose them.
             self.stats.retried += len(items)
@@ -244,7 +285,9 @@ class UsageProducer:
                     self._queue.put_nowait(item)
                 except asyncio.QueueFull:
                     self.stats.dropped += 1
+                    self._held -= 1
         else:
             self.stats.sent += len(items)
+            self._held -= len(items)
         for _ in items:
             self._queue.task_done()
