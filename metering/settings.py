@@ -6,8 +6,10 @@ Library code never reads ``os.environ``: the CLI and ``streams/app.py`` call
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -84,32 +86,96 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigurationError("METERING_BATCH_SIZE must be >= 1")
-        if not 1 <= self.writers <= 16:
-            raise ConfigurationError("METERING_WRITERS must be between 1 and 16")
-        if self.batch_within_s <= 0:
-            raise ConfigurationError("METERING_BATCH_WITHIN_S must be > 0")
-        if self.reconcile_interval_s <= 0 or self.session_timeout_s <= 0:
+        """Every setting against its allowed range; the first failure is one line
+        naming the variable, its value and what is allowed."""
+        for name, (ok, allowed) in _RULES.items():
+            value = getattr(self, name)
+            try:
+                good = ok(value)
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                shown = "(set)" if name == "key_pepper" else repr(value)
+                raise ConfigurationError(f"{PREFIX}{name.upper()}={shown}: must be {allowed}")
+        topics = {self.events_topic, self.dlq_topic, self.alerts_topic}
+        if len(topics) != 3:
             raise ConfigurationError(
-                "METERING_RECONCILE_INTERVAL_S and METERING_SESSION_TIMEOUT_S must be > 0"
+                "METERING_EVENTS_TOPIC, METERING_DLQ_TOPIC and METERING_ALERTS_TOPIC "
+                "must be three different topics"
             )
-        if not 1 <= self.db_command_timeout_s <= 3600:
-            raise ConfigurationError("METERING_DB_COMMAND_TIMEOUT_S must be between 1 and 3600")
-        if self.events_partitions < 1:
-            raise ConfigurationError("METERING_EVENTS_PARTITIONS must be >= 1")
-        if self.retention_days < 1:
-            raise ConfigurationError("METERING_RETENTION_DAYS must be >= 1")
-        if not 0 <= self.producer_linger_ms <= 5_000:
-            raise ConfigurationError("METERING_PRODUCER_LINGER_MS must be between 0 and 5000")
-        if self.producer_buffer < 1:
-            raise ConfigurationError("METERING_PRODUCER_BUFFER must be >= 1")
-        if self.redis_failure_mode not in ("open", "closed"):
-            raise ConfigurationError("METERING_REDIS_FAILURE_MODE must be 'open' or 'closed'")
-        if not self.database_url.startswith(("postgres://", "postgresql://")):
-            raise ConfigurationError("METERING_DATABASE_URL must be a postgresql:// URL")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError("METERING_REDIS_URL must be a redis:// URL")
+
+
+def _between(lo: float, hi: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: lo <= v <= hi), f"between {lo:g} and {hi:g}"
+
+
+def _host_ports(value: str) -> bool:
+    parts = [p.strip() for p in value.split(",")]
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return False
+    return bool(parts)
+
+
+def _cidrs(value: str) -> bool:
+    for item in value.split(","):
+        if item.strip():
+            ipaddress.ip_network(item.strip(), strict=False)  # ValueError: not a CIDR
+    return True
+
+
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_topic = (lambda v: bool(_TOPIC.match(v))), "a Kafka topic name ([A-Za-z0-9._-], 1-249 chars)"
+
+# field -> (check, what is allowed). A test holds every field to having a rule.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "kafka_bootstrap": (_host_ports, "host:port[,host:port...] with ports 1-65535"),
+    "database_url": (
+        lambda v: v.startswith(("postgres://", "postgresql://")),
+        "a postgresql:// URL",
+    ),
+    "redis_url": (
+        lambda v: v.startswith(("redis://", "rediss://", "unix://")),
+        "a redis://, rediss:// or unix:// URL",
+    ),
+    "events_topic": _topic,
+    "dlq_topic": _topic,
+    "alerts_topic": _topic,
+    "events_partitions": _between(1, 10_000),
+    "replication_factor": _between(1, 32),
+    "worker_id": ((lambda v: bool(_NAME.match(v))), "a name of [A-Za-z0-9._-], 1-200 chars"),
+    "batch_size": _between(1, 100_000),
+    "batch_within_s": ((lambda v: 0 < v <= 60), "> 0 and <= 60"),
+    "writers": _between(1, 16),
+    # Kafka's default group.min/max.session.timeout.ms
+    "session_timeout_s": _between(6, 1800),
+    "reconcile_interval_s": _between(1, 86_400),
+    "db_command_timeout_s": _between(1, 3600),
+    "web_enabled": ((lambda v: isinstance(v, bool)), "true or false"),
+    "web_port": _between(1, 65_535),
+    "web_bind": ((lambda v: bool(ipaddress.ip_address(v))), "an IP address"),
+    "redis_key_prefix": (
+        (lambda v: bool(v) and not any(c.isspace() or c in "{}*?[]" for c in v)),
+        "non-empty, without spaces or {}*?[]",
+    ),
+    "key_pepper": ((lambda v: isinstance(v, str)), "a string"),
+    # 0 would make Redis refuse SET EX 0: every request on the Redis-down path
+    "key_cache_ttl_s": _between(1, 86_400),
+    "negative_cache_ttl_s": _between(1, 86_400),
+    "rotation_grace_hours": _between(0, 8_760),
+    "anonymous_per_day": _between(1, 10_000_000),
+    "auth_failures_per_minute": _between(1, 100_000),
+    "redis_failure_mode": ((lambda v: v in ("open", "closed")), "'open' or 'closed'"),
+    "last_used_flush_s": ((lambda v: 0 < v <= 3600), "> 0 and <= 3600"),
+    "trusted_proxies": (_cidrs, "comma-separated CIDRs (e.g. 10.0.0.0/8,192.0.2.7)"),
+    "producer_linger_ms": _between(0, 5_000),
+    "producer_buffer": _between(1, 10_000_000),
+    "max_future_skew_s": _between(0, 86_400),
+    "retention_days": _between(1, 3_650),
+    "partitions_ahead_months": _between(0, 24),
+}
 
 
 def _coerce(name: str, raw: str, kind: type) -> Any:
