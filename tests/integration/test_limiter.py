@@ -43,9 +43,15 @@ async def test_concurrent_checks_share_one_round_trip(limiter):
     assert sum(r.allowed for r in results) == 50  # exactly the limit, even when concurrent
 
 
-async def test_a_cancelled_caller_does_not_strand_the_others(limiter):
+async def test_cancelling_the_batch_leader_does_not_strand_its_followers(limiter):
+    before = limiter.round_trips
     tasks = [asyncio.create_task(limiter.hit(f"x{i}", limit=5, period_s=60)) for i in range(8)]
-    await asyncio.sleep(0)  # all eight have joined the first caller's batch
-    tasks[0].cancel()  # the leader
-    done = await asyncio.wait_for(asyncio.gather(*tasks[1:]), timeout=5)
+    # One loop step: task 0 finds the wire idle and sends alone; task 1 finds
+    # it busy and leads a batch (yielding once for company); tasks 2-7 join it.
+    await asyncio.sleep(0)
+    leader, followers = tasks[1], [tasks[0], *tasks[2:]]
+    leader.cancel()  # while it gathers: it has not sent the batch yet
+    done = await asyncio.wait_for(asyncio.gather(*followers), timeout=5)
     assert all(r.allowed for r in done)
+    assert leader.cancelled()
+    assert limiter.round_trips - before == 2  # task 0 alone, then the leader's batch
