@@ -50,6 +50,20 @@ def test_checksum_is_crc32_of_the_body():
     assert n == zlib.crc32(body.encode())
 
 
+# Computed outside the code under test (coreutils sha256sum, openssl dgst -hmac):
+# stored key hashes must never change, or every issued key stops working.
+FIXED_KEY = "mk_live_3fK9xQ2a_Abc123Abc123Abc123Abc123Abc123Abc123Abc123X0cLpnf"
+FIXED_SHA256 = "8932180d306181c8b934b86cb4ba2888da6c8d41d8a7a1b5870b6262830b8961"
+FIXED_HMAC_PEPPER = "cb9878a40b21058acf5795bcb4b2838ddeaf8e95ec311b389f58378780e6f9b3"
+
+
+def test_stored_hashes_are_sha256_or_peppered_hmac_sha256():
+    assert keys.parse(FIXED_KEY).prefix == "mk_live_3fK9xQ2a"  # a well-formed key
+    assert keys.hash_key(FIXED_KEY) == FIXED_SHA256
+    assert keys.hash_key(FIXED_KEY, None) == FIXED_SHA256
+    assert keys.hash_key(FIXED_KEY, b"pepper") == FIXED_HMAC_PEPPER
+
+
 def test_hashing_with_and_without_pepper():
     key = keys.generate().plaintext
     plain = keys.hash_key(key)
