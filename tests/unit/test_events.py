@@ -9,7 +9,10 @@ import pytest
 from metering.errors import InvalidEventError
 from metering.events import (
     HTTP_METHODS,
+    MAX_ENDPOINT_LEN,
     MAX_RECORD_BYTES,
+    MAX_RESPONSE_TIME_MS,
+    MAX_UNITS,
     REQUIRED_FIELDS,
     TimePolicy,
     UsageEvent,
@@ -102,7 +105,10 @@ def test_contract_violations_are_rejected_with_a_reason(overrides, reason):
     with pytest.raises(InvalidEventError) as err:
         validate(record(**overrides))
     assert err.value.reason == reason
-    assert str(err.value)
+    [field] = overrides
+    # the detail names the field at fault (a key id without a user names both)
+    assert field in str(err.value) or (field == "user_id" and "api_key_id" in str(err.value))
+    assert str(err.value) == err.value.detail
 
 
 @pytest.mark.parametrize("field", REQUIRED_FIELDS)
@@ -134,20 +140,34 @@ def test_record_of_exactly_the_limit_is_measured_not_rejected_for_size():
     raw = orjson.dumps(record())
     padded = raw[:-1] + b"," + b'"pad":"' + b"p" * (MAX_RECORD_BYTES - len(raw) - 9) + b'"}'
     assert len(padded) == MAX_RECORD_BYTES
-    decode(padded)  # unknown fields are ignored (forward compatible)
+    event = decode(padded)  # unknown fields are ignored (forward compatible)
+    assert str(event.event_id) == orjson.loads(raw)["event_id"]
+    with pytest.raises(InvalidEventError) as err:
+        decode(padded[:-1] + b" }")  # one byte more
+    assert err.value.reason == "too_large"
 
 
 def test_time_policy_future_and_late():
     policy = TimePolicy(now=NOW)
-    decode(orjson.dumps(record(occurred_at="2026-11-23T12:04:59Z")), policy)  # skew allowed
+
+    def at(ts: str) -> UsageEvent:
+        return decode(orjson.dumps(record(occurred_at=ts)), policy)
+
+    assert at("2026-11-23T12:05:00Z").occurred_at == NOW + timedelta(minutes=5)  # skew edge
     with pytest.raises(InvalidEventError) as err:
-        decode(orjson.dumps(record(occurred_at="2026-11-23T12:05:01Z")), policy)
+        at("2026-11-23T12:05:00.000001Z")
     assert err.value.reason == "future_timestamp"
-    # late but inside retention: accepted, counted on its own day
-    late = NOW - timedelta(days=89)
-    decode(orjson.dumps(record(occurred_at=late.isoformat())), policy)
+    # late but inside retention: accepted, counted on its own (UTC) day; the
+    # oldest accepted instant is the start of the day 90 days back
+    oldest = datetime(2026, 8, 25, tzinfo=UTC)
+    assert NOW - timedelta(days=90) - oldest < timedelta(days=1)
+    assert at(oldest.isoformat()).occurred_at.date() == oldest.date()
+    # the UTC date decides, not the emitter's local date
+    assert at("2026-08-25T23:30:00-02:00").occurred_at.date() == datetime(2026, 8, 26).date()
+    with pytest.raises(InvalidEventError):
+        at("2026-08-25T01:30:00+02:00")  # Aug 25 locally, Aug 24 in UTC: too old
     with pytest.raises(InvalidEventError) as err:
-        decode(orjson.dumps(record(occurred_at=(NOW - timedelta(days=92)).isoformat())), policy)
+        at("2026-08-24T23:59:59.999999Z")
     assert err.value.reason == "too_old"
 
 
@@ -185,3 +205,7 @@ def test_json_schema_matches_the_python_contract():
     assert (props["status_code"]["minimum"], props["status_code"]["maximum"]) == (100, 599)
     assert props["schema_version"]["const"] == 1
     assert set(props) == set(record())
+    assert props["endpoint"]["maxLength"] == MAX_ENDPOINT_LEN
+    assert props["response_time_ms"]["maximum"] == MAX_RESPONSE_TIME_MS
+    assert props["units"]["maximum"] == MAX_UNITS
+    assert props["bytes_out"]["maximum"] == 2**62
