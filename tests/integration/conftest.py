@@ -22,6 +22,17 @@ from metering.settings import Settings
 from metering.topics import delete_topics, ensure_topics
 
 BASE = Settings.from_env()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration needs the stack: `-m "not integration"`
+    runs the unit suite alone."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
 TEMPLATE_DB = "metering_test_template"
 
 
@@ -123,10 +134,14 @@ async def kafka_settings(
 async def eventually(
     check: Callable[[], Awaitable[bool]], *, timeout: float, what: str, interval: float = 0.25
 ) -> None:
+    """Poll ``check`` until it is true; every check is bounded by the deadline too."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if await asyncio.wait_for(check(), max(left, 0.1)):
+                return
+        except TimeoutError:
+            break
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
@@ -192,12 +207,17 @@ class WorkerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    async def metrics(self) -> dict[str, float]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.web_port)
-        writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        await writer.drain()
-        body = (await reader.read()).decode()
-        writer.close()
+    async def metrics(self, timeout: float = 5.0) -> dict[str, float]:
+        """The worker's /metrics (raises TimeoutError when it does not answer in time)."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", self.web_port), timeout
+        )
+        try:
+            writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            await asyncio.wait_for(writer.drain(), timeout)
+            body = (await asyncio.wait_for(reader.read(), timeout)).decode()
+        finally:
+            writer.close()
         return metrics.parse(body.split("\r\n\r\n", 1)[-1])
 
 
