@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +35,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-TEMPLATE_DB = "metering_test_template"
+# One template per test session: two sessions on one server must not drop
+# each other's template.
+TEMPLATE_DB = f"metering_test_template_{uuid.uuid4().hex[:10]}"
 
 
 def db_url(name: str) -> str:
@@ -58,9 +62,8 @@ def services() -> Settings:
 
 
 @pytest.fixture(scope="session")
-async def template_db(services: Settings) -> str:
+async def template_db(services: Settings) -> AsyncIterator[str]:
     """A database with every migration applied, cloned for each test."""
-    await drop_database(TEMPLATE_DB)
     admin = await asyncpg.connect(BASE.database_url, timeout=10)
     try:
         await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
@@ -71,7 +74,8 @@ async def template_db(services: Settings) -> str:
         await migrate(conn)
     finally:
         await conn.close()
-    return TEMPLATE_DB
+    yield TEMPLATE_DB
+    await drop_database(TEMPLATE_DB)
 
 
 @pytest.fixture
@@ -147,9 +151,27 @@ async def eventually(
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below Linux's ephemeral range (32768+), so no outgoing
+    connection can take it between this check and the server's bind."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 20000-32000")
+
+
+def listening_socket() -> socket.socket:
+    """A bound, listening socket for a server we start in-process (no race at all)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
 
 
 class WorkerProcess:
@@ -219,6 +241,41 @@ class WorkerProcess:
         finally:
             writer.close()
         return metrics.parse(body.split("\r\n\r\n", 1)[-1])
+
+
+@pytest.fixture
+def private_redis(services: Settings, tmp_path: Path) -> Iterator[str]:
+    """A Redis server of this test's own (real, throwaway), for tests that change
+    server-wide state (SCRIPT FLUSH, ACL users) the shared one must not see."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not stack.port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"private redis-server did not start on {port}")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture

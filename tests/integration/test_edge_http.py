@@ -28,7 +28,7 @@ from metering import keys, metrics
 from metering.counters import DailyTotal, UsageCounters
 from metering.db import accounts
 from metering.settings import Settings
-from tests.integration.conftest import eventually, free_port
+from tests.integration.conftest import eventually, listening_socket
 
 PEPPER = "test-pepper"
 ISSUED: list[str] = []  # every plaintext key made in this module: must never reach a log
@@ -80,7 +80,8 @@ def edge_settings(kafka_settings: Settings) -> Settings:
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
-        self.port = free_port()
+        self.sock = listening_socket()
+        self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",
@@ -94,7 +95,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> Server:
-        self.task = asyncio.create_task(self.server.serve())
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
         await eventually(lambda: _started(self.server), timeout=15, what="uvicorn to start")
         return self
 
@@ -102,6 +103,7 @@ class Server:
         self.server.should_exit = True
         if self.task is not None:
             await asyncio.wait_for(self.task, 15)
+        self.sock.close()
 
     @property
     def guard(self):  # type: ignore[no-untyped-def]

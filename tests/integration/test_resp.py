@@ -102,10 +102,11 @@ async def test_an_unreachable_redis_is_not_dialled_on_every_call():
         await client.aclose()
 
 
-async def test_credentials_and_database_come_from_the_client(redis_client, redis_prefix):
+async def test_credentials_and_database_come_from_the_client(private_redis, redis_prefix):
+    redis_client = aioredis.from_url(private_redis)
     user, password = f"resp-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     await redis_client.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
-    host, port = BASE.redis_url.split("//")[1].split("/")[0].split(":")
+    host, port = private_redis.split("//")[1].split("/")[0].split(":")
     good = aioredis.from_url(f"redis://{user}:{password}@{host}:{port}/5")
     bad = aioredis.from_url(f"redis://{user}:wrong@{host}:{port}/5")
     ch, bad_ch = RespChannel(good), RespChannel(bad)
@@ -121,7 +122,7 @@ async def test_credentials_and_database_come_from_the_client(redis_client, redis
         await redis_client.execute_command("ACL", "DELUSER", user)
         for c in (ch, bad_ch):
             await c.aclose()
-        for r in (good, bad, db5):
+        for r in (good, bad, db5, redis_client):
             await r.aclose()
 
 
@@ -164,15 +165,14 @@ async def test_clients_it_cannot_stand_in_for_go_through_redis_py(redis_client):
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["resp-channel", "redis-py"])
-async def test_a_script_cache_flushed_by_a_restart_is_reloaded(redis_client, fallback):
+async def test_a_script_cache_flushed_by_a_restart_is_reloaded(private_redis, fallback):
     class Custom(Connection):
         pass
 
+    redis_client = aioredis.from_url(private_redis)  # SCRIPT FLUSH is server-wide
     client = (
         aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool.from_url(
-                BASE.redis_url, connection_class=Custom
-            )
+            connection_pool=aioredis.ConnectionPool.from_url(private_redis, connection_class=Custom)
         )
         if fallback
         else redis_client
@@ -189,3 +189,4 @@ async def test_a_script_cache_flushed_by_a_restart_is_reloaded(redis_client, fal
         if fallback:
             await client.aclose()
             await client.connection_pool.disconnect()
+        await redis_client.aclose()
