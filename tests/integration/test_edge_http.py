@@ -255,7 +255,7 @@ async def test_rotation_grace_then_old_key_stops(servers, client, db, redis_clie
     ip = next_ip()
     assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(old_key, ip))).status_code == 200
     new, info, old_after = await accounts.rotate_key(
-        db, old.prefix, grace=timedelta(seconds=2), pepper=PEPPER.encode()
+        db, old.prefix, grace=timedelta(minutes=10), pepper=PEPPER.encode()
     )
     ISSUED.append(new.plaintext)
     assert info.scopes == ["items:read"] and info.rotated_from == old.id
@@ -265,14 +265,26 @@ async def test_rotation_grace_then_old_key_stops(servers, client, db, redis_clie
     await refresh(redis_client, db, [old.key_hash], prefix=srv.guard._prefix)
     for k in (old_key, new.plaintext):  # both work during the grace period
         assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(k, ip))).status_code == 200
-    await asyncio.sleep(2.2)
-    assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(old_key, ip))).status_code == 401
+    # The grace period ends (moved into the past rather than slept through):
+    # the edge's cached entry carries rotates_at, so the old key stops by itself.
+    await db.execute(
+        "UPDATE api_keys SET rotates_at = now() - interval '1 second' WHERE id = $1", old.id
+    )
+    await refresh(redis_client, db, [old.key_hash], prefix=srv.guard._prefix)
+
+    async def old_key_refused() -> bool:
+        r = await client.get(f"{srv.url}/v1/items/1", headers=hdr(old_key, ip))
+        return r.status_code == 401
+
+    await eventually(old_key_refused, timeout=10, what="the old key to stop after its grace")
     assert (
         await client.get(f"{srv.url}/v1/items/1", headers=hdr(new.plaintext, ip))
     ).status_code == 200
 
 
-async def test_revocation_reaches_two_instances_within_a_second(servers, client, db, edge_settings):
+async def test_revocation_reaches_two_instances_on_their_next_request(
+    servers, client, db, edge_settings
+):
     a, b = await servers(), await servers()
     user = await make_user(db, "pro")
     key, info = await make_key(db, user)
@@ -298,13 +310,10 @@ async def test_revocation_reaches_two_instances_within_a_second(servers, client,
     )
     _out, err = await proc.communicate()
     assert proc.returncode == 0, err
-    revoked_at = time.monotonic()
-    pending = {a.url, b.url}
-    while pending and time.monotonic() - revoked_at < 1.0:
-        for url in list(pending):
-            if (await client.get(f"{url}/v1/search", headers=hdr(key, ip))).status_code == 401:
-                pending.discard(url)
-    assert not pending, f"still accepted {time.monotonic() - revoked_at:.2f}s after revocation"
+    # The CLI rewrote the shared cache entry before it returned: the very next
+    # request on either instance is refused, however slow the machine is.
+    for srv in (a, b):
+        assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 401
 
 
 async def test_shadow_mode_reports_but_does_not_reject(servers, client, db):
