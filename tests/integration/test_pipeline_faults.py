@@ -379,3 +379,33 @@ async def test_a_value_asyncpg_cannot_encode_is_the_rows_fault(database_url):
         assert (await writer.write([good])).inserted == 1  # the connection still works
     finally:
         await conn.close()
+
+
+class FlakyLetters(CollectedLetters):
+    """The dead-letter sink times out twice (a broker away), then takes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 2
+
+    async def send(self, letters) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ServiceUnavailable("dead-letter publish failed: KafkaTimeoutError")
+        await super().send(letters)
+
+
+async def test_a_dead_letter_publish_that_times_out_pauses_and_is_retried(
+    database_url, db, redis_client, redis_prefix
+):
+    sink = FlakyLetters()
+    user = uuid.uuid4()
+    records = [
+        RawRecord(value=event(user, datetime.now(UTC)).to_json(), topic="t", offset=0),
+        RawRecord(value=b"{nope", topic="t", offset=1),
+    ]
+    async with pipeline_for(database_url, redis_client, redis_prefix, dead_letters=sink) as p:
+        result = await asyncio.wait_for(p.process(records), 15)
+    assert (result.inserted, result.dead_letters) == (1, 1)
+    assert [dl.record.offset for dl in sink.letters] == [1]  # delivered once it worked
+    assert p.stats.db_retries == 2 and p.stats.paused_since is None

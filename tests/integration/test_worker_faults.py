@@ -85,11 +85,29 @@ async def test_poison_records_between_valid_events_never_stop_the_worker(
     kafka_settings, db, worker_factory
 ):
     s = kafka_settings
+    # a rule PostgreSQL has and the contract does not: rejected_by_database
+    await db.execute(
+        "ALTER TABLE usage_logs ADD CONSTRAINT no_teapots CHECK (endpoint <> '/teapot')"
+    )
     users = [uuid.uuid4() for _ in range(3)]
-    events = valid_events(60, users)
+    events = valid_events(120, users)
     base = events[0].to_dict()
+
+    def variant(**changes: object) -> bytes:
+        return orjson.dumps({**base, "event_id": str(uuid.uuid4()), **changes})
+
+    now = datetime.now(UTC)
     huge = b'{"event_id": "' + b"x" * 1_010_000 + b'"}'
     poison: list[tuple[bytes | None, str]] = [
+        # every reason the contract knows, plus the database's
+        (orjson.dumps({k: v for k, v in base.items() if k != "method"}), "missing_field"),
+        (variant(status_code="200"), "bad_type"),
+        (variant(method="X" * 5000), "bad_value"),  # its detail is longer than 1 KiB
+        (variant(schema_version=2), "unsupported_version"),
+        (variant(occurred_at=(now + timedelta(hours=1)).isoformat()), "future_timestamp"),
+        (variant(occurred_at=(now - timedelta(days=120)).isoformat()), "too_old"),
+        (variant(endpoint="/teapot"), "rejected_by_database"),
+        (variant(pad="p" * 17_000), "too_large"),
         (
             orjson.dumps({**base, "event_id": str(uuid.uuid4()), "client_ip": "1.2.3.4\x00"}),
             "bad_value",
@@ -107,9 +125,9 @@ async def test_poison_records_between_valid_events_never_stop_the_worker(
     records: list[tuple[bytes | None, bytes | None]] = []
     for i, e in enumerate(events):
         records.append((e.partition_key, e.to_json()))
-        if i % 10 == 5 and i // 10 < len(poison):
+        if i % 8 == 5 and i // 8 < len(poison):
             # the same key as the valid event before it: the same partition
-            records.append((e.partition_key, poison[i // 10][0]))
+            records.append((e.partition_key, poison[i // 8][0]))
     await publish(s, records)
 
     worker = worker_factory(s)
@@ -121,14 +139,21 @@ async def test_poison_records_between_valid_events_never_stop_the_worker(
     await eventually(landed, timeout=90, what="every valid event behind the poison records")
     letters = await read_dlq(s)
     worker.assert_running()
+    assert len(records) == len(events) + len(poison)  # every poison record was sent
     got = sorted(dict(m.headers)["x-dlq-reason"].decode() for m in letters)
     assert got == sorted(reason for _, reason in poison)
+    for m in letters:
+        h = dict(m.headers)
+        assert 0 < len(h["x-dlq-detail"]) <= 1024  # the detail is cut, never the record
+        assert h["x-dlq-source-topic"] == s.events_topic.encode()
+        if h.get("x-dlq-truncated") != b"1":
+            assert m.value in {p for p, _ in poison}  # byte for byte
     [big] = [m for m in letters if dict(m.headers).get("x-dlq-truncated") == b"1"]
     h = dict(big.headers)
     assert h["x-dlq-original-size"] == str(len(huge)).encode()
     assert h["x-dlq-original-sha256"] == hashlib.sha256(huge).hexdigest().encode()
     assert big.value == huge[: len(big.value)] and 0 < len(big.value) < 64 * 1024
-    assert sum(r for (r,) in await db.fetch("SELECT request_count FROM daily_usage")) == 60
+    assert sum(r for (r,) in await db.fetch("SELECT request_count FROM daily_usage")) == 120
 
 
 async def test_a_read_only_database_pauses_the_worker_and_loses_nothing(
