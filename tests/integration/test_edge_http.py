@@ -516,3 +516,83 @@ async def test_no_plaintext_key_in_any_log(tmp_path_factory, services, redis_cli
         for key in ISSUED:
             assert key not in text, f"a key in {name}"
         assert not keys.KEY_PATTERN.search(text), f"something key-shaped in {name}"
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        f"METERING_{f.upper()}": str(getattr(settings, f)) for f in settings.__dataclass_fields__
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "metering.cli", *args],
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_key_and_user_lifecycle_through_the_cli_reaches_the_edge(
+    servers, client, db, edge_settings
+):
+    """Every change an operator makes reaches a warm edge on its next request,
+    and every key action leaves exactly one audit row."""
+    srv = await servers()
+    user = await make_user(db, "free")  # 10 per minute
+    key, info = await make_key(db, user)
+    ip = next_ip()
+
+    async def status() -> int:
+        return (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code
+
+    def cli(*args: str) -> None:
+        out = run_cli(edge_settings, *args)
+        assert out.returncode == 0, out.stderr
+
+    assert await status() == 200  # the cache is warm from here on
+    cli("users", "suspend", user.email)
+    assert await status() == 401
+    cli("users", "activate", user.email)
+    assert await status() == 200
+    cli("users", "set-tier", user.email, "pro")  # 100 per minute
+    answers = [await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip)) for _ in range(15)]
+    assert [r.status_code for r in answers] == [200] * 15  # 17 in a minute: over free's 10
+    assert answers[-1].headers["X-RateLimit-Limit"] == "100"
+    cli("keys", "delete", info.prefix)
+    assert await status() == 401
+
+    other, other_info = await make_key(db, user)
+    cli("keys", "rotate", other_info.prefix, "--grace", "1h")
+    cli("keys", "revoke", other_info.prefix, "--reason", "leaked in a CI log")
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(other, ip))).status_code == 401
+    rows = await db.fetch(
+        "SELECT api_key_id, action FROM api_key_events WHERE api_key_id = ANY($1::uuid[])"
+        " ORDER BY id",
+        [info.id, other_info.id],
+    )
+    assert [(r["api_key_id"], r["action"]) for r in rows] == [
+        (info.id, "created"),
+        (info.id, "deleted"),
+        (other_info.id, "created"),
+        (other_info.id, "rotated"),
+        (other_info.id, "revoked"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("users", "suspend", "nobody@example.com"),
+        ("users", "set-tier", "nobody@example.com", "pro"),
+        ("keys", "delete", "mk_live_ZZZZZZZZ"),
+        ("keys", "revoke", "mk_live_ZZZZZZZZ", "--reason", "x"),
+        ("keys", "rotate", "mk_live_ZZZZZZZZ", "--grace", "banana"),
+        ("keys", "create", "nobody@example.com", "--allow-ip", "not-a-cidr"),
+        ("tiers", "set-mode", "no-such-tier", "shadow"),
+    ],
+)
+async def test_bad_lifecycle_input_is_one_line_and_exit_2(edge_settings, args):
+    out = run_cli(edge_settings, *args)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("metering")
+    assert "Traceback" not in out.stderr
