@@ -165,6 +165,12 @@ def free_port() -> int:
     raise AssertionError("no free port in 20000-32000")
 
 
+def port_answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def listening_socket() -> socket.socket:
     """A bound, listening socket for a server we start in-process (no race at all)."""
     sock = socket.socket()

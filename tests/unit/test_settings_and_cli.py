@@ -103,6 +103,33 @@ def test_the_defaults_are_valid():
         ["db", "explode"],
         ["nonsense"],
         [],
+        # every command group
+        ["stack", "sideways"],
+        ["topics", "delete"],
+        ["worker", "--web-port", "0"],
+        ["worker", "--web-port", "http"],
+        ["simulate", "--users", "0"],
+        ["tiers", "create", "gold"],  # --rate-limit is required
+        ["tiers", "create", "gold", "--rate-limit", "-3"],
+        ["tiers", "create", "gold", "--rate-limit", "5", "--price", "cheap"],
+        ["tiers", "set-mode", "pro", "sometimes"],
+        ["users", "create"],
+        ["users", "promote", "ana@example.com"],
+        ["keys", "create", "ana@example.com", "--expires-in", "soon"],
+        ["keys", "create", "ana@example.com", "--expires-at", "tomorrow"],
+        [
+            "keys",
+            "create",
+            "ana@example.com",
+            "--expires-in",
+            "1d",
+            "--expires-at",
+            "2030-01-01T00:00:00Z",
+        ],
+        ["keys", "create", "ana@example.com", "--env", "prod"],
+        ["keys", "rotate", "mk_live_3fK9xQ2a", "--grace", "a while"],
+        ["keys", "revoke", "mk_live_3fK9xQ2a"],  # --reason is required
+        ["counters", "explode"],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, capsys):
