@@ -293,3 +293,58 @@ async def test_sigterm_during_an_outage_exits_promptly_and_loses_nothing(
     await eventually(all_landed, timeout=90, what="worker 2 to land what worker 1 could not")
     assert await db.fetchval("SELECT sum(request_count) FROM daily_usage") == 40
     assert await dlq_size(s) == 0
+
+
+INJECT_BUG = """
+import os
+
+if os.environ.get("METERING_TEST_FAULT") == "process-raises":
+    import metering.pipeline
+
+    async def broken(self, records):
+        raise RuntimeError("injected bug in the pipeline")
+
+    metering.pipeline.UsagePipeline.process = broken
+"""
+
+
+async def test_a_bug_escaping_the_pipeline_stops_the_worker_without_committing(
+    kafka_settings, db, worker_factory, tmp_path
+):
+    """The last line of defence: if process() itself raises (a bug, not a
+    record or an outage), the worker exits without committing, so the batch
+    is redelivered to the next worker instead of skipped."""
+    s = kafka_settings
+    events = valid_events(30, [uuid.uuid4() for _ in range(3)])
+    await publish(s, [(e.partition_key, e.to_json()) for e in events])
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECT_BUG)
+    buggy = worker_factory(s, PYTHONPATH=str(inject), METERING_TEST_FAULT="process-raises")
+
+    async def exited() -> bool:
+        return buggy.proc is not None and buggy.proc.poll() is not None
+
+    await eventually(exited, timeout=90, what="the worker with the bug to stop")
+    assert buggy.proc is not None and buggy.proc.returncode != 0
+    assert "injected bug in the pipeline" in buggy.log_path.read_text()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=f"{s.worker_id}-usage-events",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        for p in range(s.events_partitions):
+            assert await consumer.committed(TopicPartition(s.events_topic, p)) in (None, 0)
+    finally:
+        await consumer.stop()
+    assert await db.fetchval("SELECT count(*) FROM usage_logs") == 0
+
+    healthy = worker_factory(s)
+
+    async def landed() -> bool:
+        healthy.assert_running()
+        return await db.fetchval("SELECT count(*) FROM usage_logs") == 30
+
+    await eventually(landed, timeout=90, what="the next worker to land the batch")
