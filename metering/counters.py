@@ -114,9 +114,12 @@ class UsageCounters:
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(f"Redis read failed: {exc}") from exc
 
-    async def rebuild(self, conn: asyncpg.Connection, *, days: int = REBUILD_DAYS) -> int:
-        """Re-derive recent counters from PostgreSQL; return how many were written."""
-        since = datetime.now(UTC).date() - timedelta(days=days - 1)
+    async def rebuild(
+        self, conn: asyncpg.Connection, *, days: int = REBUILD_DAYS, today: date | None = None
+    ) -> int:
+        """Re-derive recent counters from PostgreSQL (``days`` UTC days up to
+        ``today``, and any later ones); return how many were written."""
+        since = (today or datetime.now(UTC).date()) - timedelta(days=days - 1)
         rows = await conn.fetch(
             """
             SELECT user_id, date, request_count, units,

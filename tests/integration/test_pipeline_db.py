@@ -232,3 +232,42 @@ async def test_throttled_requests_are_counted_apart(pipeline, db, redis_client, 
     # the quota function counts served requests only
     assert await db.fetchval("SELECT check_quota_exceeded($1, 2)", user) is True
     assert await db.fetchval("SELECT check_quota_exceeded($1, 3)", user) is False
+
+
+async def test_the_last_seconds_of_a_month_land_on_their_own_day_and_month(
+    database_url, db, redis_client, redis_prefix
+):
+    """A run at 23:59:30 UTC on the last day of a month (the clock injected):
+    events either side of midnight go to their own day and month partition,
+    and a Redis rebuild at that moment restores both days."""
+    clock = datetime(2027, 1, 31, 23, 59, 30, tzinfo=UTC)
+    policy = TimePolicy(now=clock)
+    user = uuid.uuid4()
+    before = datetime(2027, 1, 31, 23, 59, 29, 999999, tzinfo=UTC)
+    after = datetime(2027, 2, 1, 0, 0, 10, tzinfo=UTC)  # 40 s ahead: inside the skew
+    counters = UsageCounters(redis=redis_client, prefix=redis_prefix)
+    p = UsagePipeline(
+        database_url=database_url,
+        counters=counters,
+        dead_letters=CollectedLetters(),
+        policy=lambda: policy,
+    )
+    async with p:
+        result = await p.process(
+            raw([event(user, before), event(user, before), event(user, after)])
+        )
+        assert (result.inserted, result.dead_letters) == (3, 0)
+        keys = [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:*")]
+        await redis_client.delete(*keys)  # Redis restarted empty, at 23:59:30
+        await p.reconcile()
+    rows = await db.fetch(
+        "SELECT tableoid::regclass::text AS part, count(*) FROM usage_logs GROUP BY 1 ORDER BY 1"
+    )
+    assert [(r["part"], r["count"]) for r in rows] == [
+        ("usage_logs_y2027m01", 2),
+        ("usage_logs_y2027m02", 1),
+    ]
+    jan = await counters.get(user, before.date())
+    feb = await counters.get(user, after.date())
+    assert jan is not None and jan.requests == 2
+    assert feb is not None and feb.requests == 1
