@@ -190,3 +190,94 @@ async def test_a_script_cache_flushed_by_a_restart_is_reloaded(private_redis, fa
             await client.aclose()
             await client.connection_pool.disconnect()
         await redis_client.aclose()
+
+
+class MisbehavingPeer:
+    """A TCP peer that answers RESP badly on purpose (protocol-fault injection:
+    real Redis never does this, which is why these paths need a peer that does).
+    ``mode`` decides the reply to each command of a connection's first command;
+    later connections answer +PONG properly."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.connections = 0
+
+    async def start(self) -> MisbehavingPeer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        try:
+            while await reader.read(4096):
+                if first and self.mode == "garbage":
+                    writer.write(b"?this is not RESP\r\n")
+                elif first and self.mode == "extra":
+                    writer.write(b"+PONG\r\n+NOBODY-ASKED\r\n")
+                else:
+                    writer.write(b"+PONG\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "first_answer"),
+    [("garbage", "protocol error"), ("extra", b"PONG")],
+)
+async def test_a_peer_out_of_step_is_dropped_and_the_next_call_reconnects(mode, first_answer):
+    peer = await MisbehavingPeer(mode).start()
+    client = aioredis.from_url(f"redis://127.0.0.1:{peer.port}/0", socket_timeout=2)
+    ch = RespChannel(client)
+    try:
+        if isinstance(first_answer, bytes):
+            # the reply is delivered; the unsolicited one after it ends the connection
+            assert await ch.execute("PING") == first_answer
+        else:
+            with pytest.raises(ConnectionError, match=first_answer):
+                await ch.execute("PING")
+        await asyncio.sleep(0.05)
+        assert await ch.execute("PING") == b"PONG"  # on a new connection, never out of step
+        assert peer.connections == 2
+    finally:
+        await ch.aclose()
+        await client.aclose()
+        await peer.close()
+
+
+async def test_connect_back_off_doubles_to_its_cap_and_resets_after_a_success():
+    peer = await MisbehavingPeer("fine").start()
+    closed = free_closed_port()
+    client = aioredis.from_url(f"redis://127.0.0.1:{closed}/0", socket_timeout=1)
+    ch = RespChannel(client)
+    try:
+        seen = []
+        for _ in range(7):
+            with pytest.raises(OSError):
+                await ch._connect_or_back_off()
+            seen.append(ch._backoff)
+        assert seen == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+        ch._conn.port = peer.port  # the server is back
+        proto = await ch._connect_or_back_off()
+        assert ch._backoff == 0.0
+        proto.transport.close()
+    finally:
+        await ch.aclose()
+        await client.aclose()
+        await peer.close()
+
+
+def free_closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again on return: nothing listens there
