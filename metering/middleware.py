@@ -252,12 +252,14 @@ def require_scopes(*scopes: str) -> Callable[[Request], Identity]:
     def dependency(request: Request) -> Identity:
         identity = current_identity(request)
         if identity is None:
+            setattr(request.state, UNITS_KEY, 0)  # refused: recorded, never billed
             raise HTTPException(401, detail=_BODIES[401], headers={"WWW-Authenticate": "Bearer"})
         granted = set(identity.scopes)
         if "*" in granted:
             return identity
         missing = sorted(needed - granted)
         if missing:
+            setattr(request.state, UNITS_KEY, 0)  # refused: recorded, never billed
             raise HTTPException(
                 403,
                 detail={

@@ -16,6 +16,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -78,8 +79,8 @@ def edge_settings(kafka_settings: Settings) -> Settings:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
+    def __init__(self, settings: Settings, app: Any = None) -> None:
+        self.app = app if app is not None else create_app(settings)
         self.sock = listening_socket()
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
@@ -118,8 +119,8 @@ async def _started(server: uvicorn.Server) -> bool:
 async def servers(edge_settings: Settings) -> AsyncIterator[Callable[..., object]]:
     running: list[Server] = []
 
-    async def make(settings: Settings | None = None) -> Server:
-        s = await Server(settings or edge_settings).start()
+    async def make(settings: Settings | None = None, app: Any = None) -> Server:
+        s = await Server(settings or edge_settings, app).start()
         running.append(s)
         return s
 
@@ -442,6 +443,11 @@ async def test_events_for_every_request_land_in_usage_logs(
     r = await client.post(f"{srv.url}/v1/items", headers=hdr(key, ip))
     assert r.status_code == 403
     expected[403] += 1
+    # the app weights /v1/batch at 10 units (request.state.metering_units)
+    wkey, winfo = await make_key(db, user, scopes=["items:write"])
+    r = await client.post(f"{srv.url}/v1/batch", headers=hdr(wkey, ip))
+    assert r.status_code == 200
+    expected[200] += 1
     last_request_at = await db.fetchval("SELECT clock_timestamp()")
 
     # last_used_at is written by the edge's own batch, within the flush interval
@@ -462,7 +468,8 @@ async def test_events_for_every_request_land_in_usage_logs(
 
     await eventually(landed, timeout=60, what="the edge's events in usage_logs")
     rows = await db.fetch(
-        "SELECT status_code, user_id, api_key_id, endpoint, host(client_ip) AS ip FROM usage_logs"
+        "SELECT status_code, user_id, api_key_id, endpoint, units, host(client_ip) AS ip"
+        " FROM usage_logs"
     )
     by_status: dict[int, int] = {}
     for row in rows:
@@ -470,8 +477,13 @@ async def test_events_for_every_request_land_in_usage_logs(
         assert row["ip"] == ip
         if row["status_code"] == 401:
             assert row["user_id"] is None and row["api_key_id"] is None
+        elif row["endpoint"] == "/v1/batch":
+            assert row["api_key_id"] == winfo.id and row["user_id"] == user.id
         else:
             assert row["user_id"] == user.id and row["api_key_id"] == info.id
+        # served requests carry their weight; rejected ones bill nothing
+        want_units = 0 if row["status_code"] >= 400 else 10 if row["endpoint"] == "/v1/batch" else 1
+        assert row["units"] == want_units, dict(row)
     assert by_status == expected
     assert {r["endpoint"] for r in rows} >= {"/v1/search", "/v1/items/{item_id}", "/v1/items"}
 
@@ -596,3 +608,49 @@ async def test_bad_lifecycle_input_is_one_line_and_exit_2(edge_settings, args):
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("metering")
     assert "Traceback" not in out.stderr
+
+
+def query_key_app(settings: Settings) -> Any:
+    """The smallest app that opts in to keys in the query string."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    from metering.middleware import MeteringEdge, MeteringMiddleware
+
+    edge = MeteringEdge(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with edge:
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(
+        MeteringMiddleware,
+        guard=edge.guard,
+        producer=edge.producer,
+        allow_query_key=True,
+        trusted_proxies=["127.0.0.1/32"],
+    )
+    app.state.edge = edge
+
+    @app.get("/v1/search")
+    async def search() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    return app
+
+
+async def test_a_key_in_the_query_string_only_where_the_app_allows_it(
+    servers, client, db, edge_settings
+):
+    default, opted_in = await servers(), await servers(app=query_key_app(edge_settings))
+    user = await make_user(db, "pro")
+    key, _ = await make_key(db, user)
+    ip = next_ip()
+    headers = {"X-Forwarded-For": ip}
+    r = await client.get(f"{opted_in.url}/v1/search", params={"api_key": key}, headers=headers)
+    assert r.status_code == 200 and r.headers["X-RateLimit-Limit"] == "100"
+    r = await client.get(f"{default.url}/v1/search", params={"api_key": key}, headers=headers)
+    assert r.status_code == 401  # query strings end up in access logs: off by default
