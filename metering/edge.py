@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -105,8 +105,11 @@ class EdgeGuard:
         auth_failures_per_minute: int = 5,
         redis_failure_mode: str = "open",
         last_used_flush_s: float = 30.0,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._redis = redis
+        # what "today" is for the daily quota (UTC); tests fix it at a month's end
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._pool = pool
         self._pepper = pepper
         self._prefix = prefix
@@ -165,7 +168,7 @@ class EdgeGuard:
             addr = ip_hex(client_ip)
         except ValueError:
             addr = "00000000"
-        day = datetime.now(UTC).date().isoformat()
+        day = self._clock().astimezone(UTC).date().isoformat()
         args = (self._prefix, key_hash, addr, day, str(self._anon), str(self._fails))
         try:
             result = await self._eval(args)
@@ -233,8 +236,9 @@ class EdgeGuard:
             return Decision(403, "forbidden_ip", identity)
         if code in ("rate_limited", "quota_exceeded"):
             if code == "quota_exceeded":
-                midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-                retry_s = int((midnight + timedelta(days=1)).timestamp() - now) + 1
+                today = self._clock().astimezone(UTC)
+                midnight = today.replace(hour=0, minute=0, second=0, microsecond=0)
+                retry_s = int((midnight + timedelta(days=1) - today).total_seconds()) + 1
             else:
                 retry_s = max(1, int(retry_ms / 1000 + 0.999))
             if shadow:

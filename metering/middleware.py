@@ -294,7 +294,7 @@ class MeteringEdge:
     down (the database pool connects on first use, the producer retries).
     """
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, *, clock: Callable[[], datetime] | None = None) -> None:
         import asyncpg
         import redis.asyncio as aioredis
 
@@ -323,6 +323,7 @@ class MeteringEdge:
             auth_failures_per_minute=settings.auth_failures_per_minute,
             redis_failure_mode=settings.redis_failure_mode,
             last_used_flush_s=settings.last_used_flush_s,
+            clock=clock,
         )
 
     async def start(self) -> None:

@@ -571,15 +571,20 @@ async def test_bad_lifecycle_input_is_one_line_and_exit_2(edge_settings, args):
     assert "Traceback" not in out.stderr
 
 
-def query_key_app(settings: Settings) -> Any:
-    """The smallest app that opts in to keys in the query string."""
+def small_app(
+    settings: Settings,
+    *,
+    allow_query_key: bool = False,
+    clock: Callable[[], datetime] | None = None,
+) -> Any:
+    """The smallest metered app, with the options the example app does not take."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
 
     from metering.middleware import MeteringEdge, MeteringMiddleware
 
-    edge = MeteringEdge(settings)
+    edge = MeteringEdge(settings, clock=clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -591,7 +596,7 @@ def query_key_app(settings: Settings) -> Any:
         MeteringMiddleware,
         guard=edge.guard,
         producer=edge.producer,
-        allow_query_key=True,
+        allow_query_key=allow_query_key,
         trusted_proxies=["127.0.0.1/32"],
     )
     app.state.edge = edge
@@ -607,7 +612,7 @@ async def test_a_key_in_the_query_string_only_where_the_app_allows_it(
     servers, client, db, edge_settings
 ):
     default = await servers()
-    opted_in = await servers(app=query_key_app(edge_settings))
+    opted_in = await servers(app=small_app(edge_settings, allow_query_key=True))
     user = await make_user(db, "pro")
     key, _ = await make_key(db, user)
     ip = next_ip()
@@ -667,6 +672,27 @@ async def test_simulate_sends_real_http_through_the_edge(servers, db, edge_setti
     )
 
 
+async def test_the_daily_quota_turns_over_at_utc_midnight_at_a_months_end(
+    servers, client, db, edge_settings, redis_client
+):
+    """The edge's clock injected at 23:59:30 UTC on the last day of a month:
+    a spent quota says when it resets, and it has reset at 00:00:05."""
+    now = [datetime(2027, 1, 31, 23, 59, 30, tzinfo=UTC)]
+    srv = await servers(app=small_app(edge_settings, clock=lambda: now[0]))
+    user = await make_user(db, "free")  # 1000 a day
+    key, _ = await make_key(db, user)
+    counters = UsageCounters(redis=redis_client, prefix=edge_settings.redis_key_prefix)
+    await counters.publish([DailyTotal(user.id, now[0].date(), 1000, 1000, 0)])
+    ip = next_ip()
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 429 and r.json()["error"] == "quota_exceeded"
+    assert r.headers["Retry-After"] == "31"  # 30 s to midnight, rounded up
+    now[0] = datetime(2027, 2, 1, 0, 0, 5, tzinfo=UTC)
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "1000"
+
+
+# Keep this last in the module: it reads every log the tests above wrote.
 def log_files(basetemp: Path, redis_log: str, kafka_port: int, pg_version: str) -> dict[str, str]:
     """The workers' logs and those of the running broker, Redis and PostgreSQL."""
     out: dict[str, str] = {}
