@@ -176,6 +176,11 @@ class _Rebalance(ConsumerRebalanceListener):
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        log.info(
+            "usage consumer revoked %s; finishing %d batch(es) in flight",
+            sorted(tp.partition for tp in revoked),
+            self._owner.inflight,
+        )
         await self._owner.drain()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -327,6 +332,10 @@ class UsageConsumer(mode.Service):
         for task in tasks:
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: no "never retrieved" warning
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
 
     async def drain(self) -> None:
         """Finish and commit every batch in flight (rebalance, shutdown)."""

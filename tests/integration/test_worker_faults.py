@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -348,3 +349,70 @@ async def test_a_bug_escaping_the_pipeline_stops_the_worker_without_committing(
         return await db.fetchval("SELECT count(*) FROM usage_logs") == 30
 
     await eventually(landed, timeout=90, what="the next worker to land the batch")
+
+
+async def test_a_worker_joining_mid_stream_takes_over_without_rereading(
+    kafka_settings, db, worker_factory
+):
+    """A rebalance with a batch in flight (held behind a table lock for less
+    than the rebalance timeout): the leaving owner finishes and commits it
+    before the partitions move, so the newcomer re-reads nothing (no
+    duplicates) and every event lands once."""
+    s = kafka_settings
+    users = [uuid.uuid4() for _ in range(12)]
+    first, second = valid_events(200, users), valid_events(300, users)
+    await publish(s, [(e.partition_key, e.to_json()) for e in first])
+    w1 = worker_factory(s)
+
+    async def count(n: int) -> bool:
+        w1.assert_running()
+        return await db.fetchval("SELECT count(*) FROM usage_logs") == n
+
+    await eventually(lambda: count(200), timeout=90, what="worker 1 to write the first events")
+    lock = db.transaction()
+    await lock.start()
+    try:
+        await db.execute("LOCK TABLE daily_usage IN EXCLUSIVE MODE")  # writes wait
+        await publish(s, [(e.partition_key, e.to_json()) for e in second])
+
+        async def blocked() -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            )
+
+        await eventually(blocked, timeout=30, what="worker 1's batch to be in flight")
+        w2 = worker_factory(s)
+
+        async def revoking() -> bool:
+            w2.assert_running()
+            # not the empty revocation every first join starts with
+            return re.search(r"usage consumer revoked \[\d", w1.log_path.read_text()) is not None
+
+        await eventually(revoking, timeout=60, what="worker 2's join to revoke worker 1")
+        await asyncio.sleep(1)  # worker 1 is draining; well inside the 6 s rebalance timeout
+    finally:
+        await lock.commit()
+
+    async def all_landed() -> bool:
+        w2.assert_running()
+        return await count(500)
+
+    await eventually(all_landed, timeout=60, what="every event after the rebalance")
+    await asyncio.sleep(2)  # a re-read would show up as duplicates by now
+    assert await db.fetchval("SELECT sum(request_count) FROM daily_usage") == 500
+    m1 = await w1.metrics()
+
+    async def w2_metrics() -> bool:
+        try:
+            await w2.metrics()
+            return True
+        except OSError:
+            return False
+
+    await eventually(w2_metrics, timeout=30, what="worker 2's metrics")
+    m2 = await w2.metrics()
+    assert m1["metering_events_duplicate_total"] + m2["metering_events_duplicate_total"] == 0
+    assert "offset commit refused" not in w1.log_path.read_text()
