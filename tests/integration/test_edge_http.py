@@ -220,18 +220,21 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     quota_user = await make_user(db, "free")
     quota_key, _ = await make_key(db, quota_user)
     counters = UsageCounters(redis=redis_client, prefix=edge_settings.redis_key_prefix)
-    today = datetime.now(UTC).date()
+    # an edge whose clock stands still: 00:00 UTC passing mid-test cannot move its day
+    frozen = datetime.now(UTC)
+    quota_srv = await servers(app=small_app(edge_settings, clock=lambda: frozen))
+    today = frozen.date()
     await counters.publish([DailyTotal(quota_user.id, today, 800, 800, 0)])
-    r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
+    r = await client.get(f"{quota_srv.url}/v1/search", headers=hdr(quota_key))
     assert r.status_code == 200 and r.headers["X-Quota-Warning"].startswith("80%")
     assert r.headers["X-Quota-Remaining"] == "200"
     await counters.publish([DailyTotal(quota_user.id, today, 1000, 1000, 0, 0)])
-    r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
+    r = await client.get(f"{quota_srv.url}/v1/search", headers=hdr(quota_key))
     assert r.status_code == 429 and r.json()["error"] == "quota_exceeded"
     assert int(r.headers["Retry-After"]) <= 86400
     # requests that were answered 429 do not use up the quota
     await counters.publish([DailyTotal(quota_user.id, today, 1100, 1000, 100, 101)])
-    r = await client.get(f"{srv.url}/v1/search", headers=hdr(quota_key))
+    r = await client.get(f"{quota_srv.url}/v1/search", headers=hdr(quota_key))
     assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "1"
 
     # 429 after 5 failed authentications from one address, even with a good key

@@ -127,13 +127,16 @@ async def test_a_failing_migration_is_rolled_back_and_reported(empty_db, tmp_pat
 
 async def test_seed_functions_and_partition_maintenance(db):
     user = uuid.uuid4()
-    today = datetime.now(UTC).date()
-    await db.execute(
-        "INSERT INTO daily_usage (user_id, date, request_count) VALUES ($1, $2, 1000)", user, today
-    )
-    assert await db.fetchval("SELECT check_quota_exceeded($1, 1000)", user) is True
-    assert await db.fetchval("SELECT check_quota_exceeded($1, 1001)", user) is False
-    assert await db.fetchval("SELECT check_quota_exceeded($1, NULL)", user) is False  # unlimited
+    # One transaction: now() and so "today" stay put even if 00:00 UTC passes.
+    async with db.transaction():
+        await db.execute(
+            "INSERT INTO daily_usage (user_id, date, request_count)"
+            " VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1000)",
+            user,
+        )
+        assert await db.fetchval("SELECT check_quota_exceeded($1, 1000)", user) is True
+        assert await db.fetchval("SELECT check_quota_exceeded($1, 1001)", user) is False
+        assert await db.fetchval("SELECT check_quota_exceeded($1, NULL)", user) is False
     now = datetime.now(UTC)
     for seconds in (10, 30, 500):
         await db.execute(

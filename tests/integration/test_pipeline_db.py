@@ -229,9 +229,16 @@ async def test_throttled_requests_are_counted_apart(pipeline, db, redis_client, 
     assert tuple(row) == (3, 2, 1)
     t = await UsageCounters(redis=redis_client, prefix=redis_prefix).get(user, now.date())
     assert t is not None and (t.requests, t.errors, t.throttled) == (3, 2, 1)
-    # the quota function counts served requests only
-    assert await db.fetchval("SELECT check_quota_exceeded($1, 2)", user) is True
-    assert await db.fetchval("SELECT check_quota_exceeded($1, 3)", user) is False
+    # the quota function counts served requests only ("today" by PostgreSQL's
+    # clock: the row is moved there in one transaction, so 00:00 UTC passing
+    # between the write and the check cannot change the answer)
+    async with db.transaction():
+        await db.execute(
+            "UPDATE daily_usage SET date = (now() AT TIME ZONE 'UTC')::date WHERE user_id = $1",
+            user,
+        )
+        assert await db.fetchval("SELECT check_quota_exceeded($1, 2)", user) is True
+        assert await db.fetchval("SELECT check_quota_exceeded($1, 3)", user) is False
 
 
 async def test_the_last_seconds_of_a_month_land_on_their_own_day_and_month(
