@@ -90,7 +90,9 @@ class UsageProducer:
     def emit(self, event: UsageEvent) -> bool:
         """Queue one event; False if it was dropped because the buffer is full."""
         value = event.to_json()
-        if len(value) > MAX_RECORD_BYTES:
+        if len(value) > MAX_RECORD_BYTES:  # the stream would dead-letter it: say so here
+            self.stats.emitted += 1
+            self.stats.dropped += 1
             raise InvalidEventError("too_large", f"event is {len(value)} bytes")
         return self.emit_raw(event.partition_key, value)
 

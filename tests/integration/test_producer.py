@@ -11,8 +11,10 @@ import uuid
 from datetime import UTC, datetime
 
 import psutil
+import pytest
 from aiokafka import AIOKafkaConsumer
 
+from metering.errors import InvalidEventError
 from metering.events import UsageEvent, decode
 from metering.producer import UsageProducer
 from tests.integration.conftest import eventually
@@ -195,3 +197,31 @@ async def test_stop_while_the_broker_is_away_counts_what_it_abandons(kafka_setti
     finally:
         await producer.stop()
     assert_accounts(producer)
+
+
+async def test_an_oversized_event_is_refused_at_emit_and_counted():
+    """Events built without validation (as the middleware does) can still be
+    too large for the contract: refused at once, counted as dropped."""
+    producer = UsageProducer(bootstrap_servers="127.0.0.1:1", retry_backoff_s=0.05)
+    big = UsageEvent(
+        event_id=uuid.uuid4(),
+        occurred_at=datetime.now(UTC),
+        user_id=uuid.uuid4(),
+        api_key_id=None,
+        endpoint="/" + "x" * 20_000,
+        method="GET",
+        status_code=200,
+        response_time_ms=1.0,
+        client_ip="192.0.2.1",
+    )
+    await producer.start()
+    try:
+        with pytest.raises(InvalidEventError) as err:
+            producer.emit(big)
+        assert err.value.reason == "too_large"
+        assert producer.emit(an_event())
+        st = producer.stats
+        assert (st.emitted, st.dropped, producer.buffered) == (2, 1, 1)
+        assert_accounts(producer)
+    finally:
+        await producer.stop(timeout=0.2)
