@@ -6,9 +6,11 @@ and dead-letter exactly the poison records."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -54,6 +56,34 @@ async def dlq_size(s) -> int:
         return (await consumer.end_offsets([tp]))[tp]
     finally:
         await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def database_read_only(db) -> AsyncIterator[None]:
+    """A demoted primary: every session opened from now on is read-only (the
+    open ones are cut), until the block ends."""
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    try:
+        await db.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        yield
+    finally:
+        await db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+
+
+async def wait_until_a_write_waits_on_a_lock(db) -> None:
+    async def waiting() -> bool:
+        return bool(
+            await db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+        )
+
+    await eventually(waiting, timeout=30, what="a worker's batch to wait on the lock")
 
 
 async def read_dlq(s, *, settle_s: float = 2.0, timeout: float = 30.0) -> list:
@@ -171,14 +201,7 @@ async def test_a_read_only_database_pauses_the_worker_and_loses_nothing(
         return await db.fetchval("SELECT count(*) FROM usage_logs") == n
 
     await eventually(lambda: count(20), timeout=90, what="the first events")
-    name = await db.fetchval("SELECT current_database()")
-    await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-    try:
-        # a demoted primary: every session the worker opens from now on is read-only
-        await db.execute(
-            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
+    async with database_read_only(db):
         await publish(s, [(e.partition_key, e.to_json()) for e in second])
         paused_seen = False
         for _ in range(20):  # 10 s read-only
@@ -187,8 +210,6 @@ async def test_a_read_only_database_pauses_the_worker_and_loses_nothing(
             m = await worker.metrics()
             paused_seen |= m.get("metering_pipeline_paused") == 1
         assert paused_seen
-    finally:
-        await db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
     await eventually(lambda: count(70), timeout=60, what="the events held during the outage")
     m = await worker.metrics()
     assert not any(k.startswith("metering_dead_letters_total") and v for k, v in m.items())
@@ -219,15 +240,7 @@ async def test_a_drain_longer_than_the_rebalance_timeout_does_not_crash_the_work
         await db.execute("LOCK TABLE daily_usage IN EXCLUSIVE MODE")  # reads pass, writes wait
         await publish(s, [(e.partition_key, e.to_json()) for e in second])
 
-        async def blocked() -> bool:
-            return bool(
-                await db.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                )
-            )
-
-        await eventually(blocked, timeout=30, what="worker 1's batch to wait on the lock")
+        await wait_until_a_write_waits_on_a_lock(db)
         w2 = worker_factory(s, **env)
 
         async def w1_evicted() -> bool:
@@ -266,13 +279,7 @@ async def test_sigterm_during_an_outage_exits_promptly_and_loses_nothing(
         return await db.fetchval("SELECT count(*) FROM usage_logs") == n
 
     await eventually(lambda: count(10), timeout=90, what="the first events")
-    name = await db.fetchval("SELECT current_database()")
-    await db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-    try:
-        await db.execute(
-            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
+    async with database_read_only(db):
         await publish(s, [(e.partition_key, e.to_json()) for e in second])
 
         async def paused() -> bool:
@@ -283,8 +290,6 @@ async def test_sigterm_during_an_outage_exits_promptly_and_loses_nothing(
         assert w1.stop(timeout=30) == 0  # SIGTERM: give up waiting, commit nothing unwritten
         assert asyncio.get_running_loop().time() - started < 20
         assert "not written and not committed" in w1.log_path.read_text()
-    finally:
-        await db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
     w2 = worker_factory(s)
 
     async def all_landed() -> bool:
@@ -375,15 +380,7 @@ async def test_a_worker_joining_mid_stream_takes_over_without_rereading(
         await db.execute("LOCK TABLE daily_usage IN EXCLUSIVE MODE")  # writes wait
         await publish(s, [(e.partition_key, e.to_json()) for e in second])
 
-        async def blocked() -> bool:
-            return bool(
-                await db.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                )
-            )
-
-        await eventually(blocked, timeout=30, what="worker 1's batch to be in flight")
+        await wait_until_a_write_waits_on_a_lock(db)
         w2 = worker_factory(s)
 
         async def revoking() -> bool:
