@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _Item = tuple[bytes, bytes | None]  # (key, value); None is a tombstone
 _DRAIN = 10_000  # events handed to aiokafka per round at most
+# The idempotent producer retries transient failures itself until the broker
+# answers, so a delivery that fails is a refusal that does not heal (a topic
+# that refuses the records): after this many, the events are dropped, counted.
+MAX_DELIVERY_FAILURES = 5
 
 
 @dataclass(slots=True)
@@ -79,6 +83,7 @@ class UsageProducer:
         self._partition_count = 0
         self._closing = False
         self._held = 0  # accepted, not yet acknowledged or dropped (queue + in flight)
+        self._failures: dict[int, int] = {}  # id(item) -> failed deliveries so far
         self._abandoned_at_stop = False
         self.stats = ProducerStats()
 
@@ -278,18 +283,36 @@ class UsageProducer:
                 self.stats.abandoned -= len(items)
             return
         if failed:
-            # aiokafka already retried within its delivery timeout; keep the
-            # events and try again later rather than lose them.
-            self.stats.retried += len(items)
+            # Try again later rather than lose them, a bounded number of times.
             self.stats.send_errors += 1
+            given_up = 0
             for item in items:
+                n = self._failures.get(id(item), 0) + 1
+                if n >= MAX_DELIVERY_FAILURES:
+                    self._failures.pop(id(item), None)
+                    given_up += 1
+                    continue
+                self._failures[id(item)] = n
+                self.stats.retried += 1
                 try:
                     self._queue.put_nowait(item)
                 except asyncio.QueueFull:
-                    self.stats.dropped += 1
-                    self._held -= 1
+                    self._failures.pop(id(item), None)
+                    given_up += 1
+            if given_up:
+                self.stats.dropped += given_up
+                self._held -= given_up
+                log.error(
+                    "%d usage events dropped: Kafka refused them %d times (%s)",
+                    given_up,
+                    MAX_DELIVERY_FAILURES,
+                    "cancelled" if fut.cancelled() else repr(fut.exception()),
+                )
         else:
             self.stats.sent += len(items)
             self._held -= len(items)
+            if self._failures:
+                for item in items:
+                    self._failures.pop(id(item), None)
         for _ in items:
             self._queue.task_done()

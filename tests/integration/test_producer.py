@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer
 
 from metering.errors import InvalidEventError
 from metering.events import UsageEvent, decode
-from metering.producer import UsageProducer
+from metering.producer import MAX_DELIVERY_FAILURES, UsageProducer
 from tests.integration.conftest import eventually
 
 
@@ -209,3 +209,40 @@ async def test_an_oversized_event_is_refused_at_emit_and_counted():
         assert_accounts(producer)
     finally:
         await producer.stop(timeout=0.2)
+
+
+async def test_a_topic_that_refuses_the_events_does_not_loop_forever(kafka_settings, caplog):
+    """The idempotent producer retries transient failures itself; a refusal
+    that never heals (records over the topic's max.message.bytes) is retried a
+    bounded number of times, then dropped, counted and logged."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    s = kafka_settings
+    topic = f"{s.events_topic}.tiny"
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "200"})]
+        )
+    finally:
+        await admin.close()
+    producer = UsageProducer(
+        bootstrap_servers=s.kafka_bootstrap, topic=topic, retry_backoff_s=0.05, linger_ms=0
+    )
+    await producer.start()
+    try:
+        for _ in range(3):
+            assert producer.emit(an_event())  # each ~350 bytes
+
+        async def given_up() -> bool:
+            return producer.stats.dropped == 3
+
+        await eventually(given_up, timeout=30, what="the refused events to be dropped")
+        st = producer.stats
+        assert (st.sent, producer.buffered) == (0, 0)
+        assert st.retried == 3 * (MAX_DELIVERY_FAILURES - 1)
+        assert_accounts(producer)
+        assert "usage events dropped: Kafka refused them" in caplog.text
+    finally:
+        await producer.stop(timeout=1)
