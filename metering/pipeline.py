@@ -501,7 +501,7 @@ class UsagePipeline:
             failed_gen = self._redis_failed_gen
             if failed_gen > self._redis_rebuilt_gen or not await self._counters.is_synced():
                 # the pipeline's clock (a fixed one in tests) decides what "today" is
-                today = (self._policy().now or datetime.now(UTC)).date()
+                today = (self._policy().now or datetime.now(UTC)).astimezone(UTC).date()
                 n = await self._counters.rebuild(slot.conn, today=today)
                 # Only failures seen before the rebuild began are repaired by it.
                 self._redis_rebuilt_gen = max(self._redis_rebuilt_gen, failed_gen)

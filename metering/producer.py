@@ -7,8 +7,10 @@ produce request per ``linger_ms``), keyed by ``user_id`` so one worker owns
 each user's counters.
 
 When Kafka is unreachable the buffer holds events and sends are retried with
-backoff; only when the buffer is full are new events dropped, and every drop
-is counted (``stats.dropped``). ``stop()`` flushes what is buffered, bounded
+backoff for as long as it takes. Events are dropped, and every drop is
+counted (``stats.dropped``), only when the buffer is full, when an event is
+over the contract's size, when Kafka refuses a delivery for good (a
+non-retriable error, ``MAX_DELIVERY_FAILURES`` times) or at ``stop()``. ``stop()`` flushes what is buffered, bounded
 by a timeout; whatever it could not send is counted as dropped (and as
 ``stats.abandoned``) and logged, so at every moment
 
@@ -39,9 +41,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _Item = tuple[bytes, bytes | None]  # (key, value); None is a tombstone
 _DRAIN = 10_000  # events handed to aiokafka per round at most
-# The idempotent producer retries transient failures itself until the broker
-# answers, so a delivery that fails is a refusal that does not heal (a topic
-# that refuses the records): after this many, the events are dropped, counted.
+# A delivery Kafka refuses with a non-retriable error (a topic that refuses the
+# records) is tried this many times, then its events are dropped, counted.
+# Retriable failures (no leader, timeouts) are retried for as long as it takes.
 MAX_DELIVERY_FAILURES = 5
 
 
@@ -120,7 +122,10 @@ class UsageProducer:
     async def start(self) -> None:
         if self._task is None:
             self._closing = False
-            self._abandoned_at_stop = False
+            if self._abandoned_at_stop:  # a fresh run: nothing of the abandoned one survives
+                self._queue = asyncio.Queue(maxsize=self._queue.maxsize)
+                self._failures.clear()
+                self._abandoned_at_stop = False
             self._task = asyncio.create_task(self._run(), name="metering-producer")
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -143,6 +148,11 @@ class UsageProducer:
                 await asyncio.wait_for(kafka.stop(), 5 if self._held else 30)
             except TimeoutError:
                 log.warning("Kafka producer did not close in time; closing its connections")
+                sender = getattr(getattr(kafka, "_sender", None), "sender_task", None)
+                if sender is not None:  # or it keeps retrying, on new connections
+                    sender.cancel()
+                    with contextlib.suppress(BaseException):
+                        await asyncio.wait_for(sender, 2)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(kafka.client.close(), 2)
         if self._held:
@@ -276,23 +286,22 @@ class UsageProducer:
     def _delivered(self, fut: asyncio.Future[object], items: list[_Item]) -> None:
         failed = fut.cancelled() or fut.exception() is not None
         if self._abandoned_at_stop:
-            # stop() already counted these as dropped: a late ack moves them to sent
-            if not failed:
-                self.stats.sent += len(items)
-                self.stats.dropped -= len(items)
-                self.stats.abandoned -= len(items)
-            return
+            return  # stop() counted these as dropped; its sender is gone
         if failed:
-            # Try again later rather than lose them, a bounded number of times.
+            exc = None if fut.cancelled() else fut.exception()
+            # Retriable (no leader, a timeout): again, for as long as it takes.
+            # Not retriable (the topic refuses them): a bounded number of times.
+            refused = exc is not None and not getattr(exc, "retriable", False)
             self.stats.send_errors += 1
             given_up = 0
             for item in items:
-                n = self._failures.get(id(item), 0) + 1
+                n = self._failures.get(id(item), 0) + refused
                 if n >= MAX_DELIVERY_FAILURES:
                     self._failures.pop(id(item), None)
                     given_up += 1
                     continue
-                self._failures[id(item)] = n
+                if n:
+                    self._failures[id(item)] = n
                 self.stats.retried += 1
                 try:
                     self._queue.put_nowait(item)

@@ -92,10 +92,10 @@ class Settings:
             value = getattr(self, name)
             try:
                 good = ok(value)
-            except (TypeError, ValueError):
+            except Exception:  # a rule that cannot even read the value refuses it
                 good = False
             if not good:
-                shown = "(set)" if name == "key_pepper" else repr(value)
+                shown = "(set)" if name == "key_pepper" else repr(_without_password(value))
                 raise ConfigurationError(f"{PREFIX}{name.upper()}={shown}: must be {allowed}")
         topics = {self.events_topic, self.dlq_topic, self.alerts_topic}
         if len(topics) != 3:
@@ -110,12 +110,34 @@ def _between(lo: float, hi: float) -> tuple[Callable[[Any], bool], str]:
 
 
 def _host_ports(value: str) -> bool:
+    """host[:port][,host[:port]...]; a missing port means Kafka's 9092."""
     parts = [p.strip() for p in value.split(",")]
     for part in parts:
-        host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        host, _, port = part.rpartition(":") if ":" in part else (part, "", "9092")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             return False
     return bool(parts)
+
+
+def _without_password(value: Any) -> Any:
+    """A URL's password never goes into an error message."""
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1]:
+        scheme, rest = value.split("://", 1)
+        userinfo, host = rest.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in userinfo else value
+    return value
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+
+
+def _bind_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(value))
 
 
 def _cidrs(value: str) -> bool:
@@ -131,7 +153,7 @@ _topic = (lambda v: bool(_TOPIC.match(v))), "a Kafka topic name ([A-Za-z0-9._-],
 
 # field -> (check, what is allowed). A test holds every field to having a rule.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "kafka_bootstrap": (_host_ports, "host:port[,host:port...] with ports 1-65535"),
+    "kafka_bootstrap": (_host_ports, "host[:port][,host[:port]...] with ports 1-65535"),
     "database_url": (
         lambda v: v.startswith(("postgres://", "postgresql://")),
         "a postgresql:// URL",
@@ -149,16 +171,18 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _between(1, 100_000),
     "batch_within_s": ((lambda v: 0 < v <= 60), "> 0 and <= 60"),
     "writers": _between(1, 16),
-    # Kafka's default group.min/max.session.timeout.ms
-    "session_timeout_s": _between(6, 1800),
+    # the broker refuses what its group.min/max.session.timeout.ms (6-1800 s by
+    # default) exclude, with its own error
+    "session_timeout_s": _between(1, 3600),
     "reconcile_interval_s": _between(1, 86_400),
     "db_command_timeout_s": _between(1, 3600),
     "web_enabled": ((lambda v: isinstance(v, bool)), "true or false"),
     "web_port": _between(1, 65_535),
-    "web_bind": ((lambda v: bool(ipaddress.ip_address(v))), "an IP address"),
+    "web_bind": (_bind_address, "an IP address or a host name"),
     "redis_key_prefix": (
-        (lambda v: bool(v) and not any(c.isspace() or c in "{}*?[]" for c in v)),
-        "non-empty, without spaces or {}*?[]",
+        # {hash tags} are allowed: they keep keys together on Redis Cluster
+        (lambda v: bool(v) and not any(c.isspace() or c in "*?[]" for c in v)),
+        "non-empty, without spaces or *?[]",
     ),
     "key_pepper": ((lambda v: isinstance(v, str)), "a string"),
     # 0 would make Redis refuse SET EX 0: every request on the Redis-down path

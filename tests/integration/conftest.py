@@ -145,7 +145,8 @@ async def eventually(
             if await asyncio.wait_for(check(), max(left, 0.1)):
                 return
         except TimeoutError:
-            break
+            if time.monotonic() >= deadline:
+                break  # the deadline cut the check short; a check's own timeout is a "no"
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 

@@ -148,14 +148,15 @@ async def test_worker_flags_choose_the_web_port_or_turn_it_off(kafka_settings, t
     env["METERING_WEB_PORT"] = str(default_port)  # the flag must win over this
 
     def start(*flags: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "metering.cli", "worker", *flags],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with (tmp_path / "worker.log").open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "metering.cli", "worker", "-l", "info", *flags],
+                env=env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     with_port = start("--web-port", str(port))
     try:
@@ -167,10 +168,17 @@ async def test_worker_flags_choose_the_web_port_or_turn_it_off(kafka_settings, t
     finally:
         with_port.terminate()
         assert with_port.wait(timeout=30) == 0
+    (tmp_path / "worker.log").write_bytes(b"")
     no_web = start("--no-web")
     try:
-        await asyncio.sleep(8)  # long enough for the web server to have come up
-        assert no_web.poll() is None and not port_answers(default_port)
+        for _ in range(240):  # until it consumes: by then a web server would be up
+            if "usage consumer assigned" in (tmp_path / "worker.log").read_text(errors="replace"):
+                break
+            assert no_web.poll() is None, (tmp_path / "worker.log").read_text()
+            await asyncio.sleep(0.25)
+        else:
+            raise AssertionError("the --no-web worker never started consuming")
+        assert not port_answers(default_port)
     finally:
         no_web.terminate()
         assert no_web.wait(timeout=30) == 0

@@ -16,6 +16,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -129,6 +130,7 @@ def expected_daily(
     return {k: (req[k], units[k], errors[k]) for k in req}
 
 
+@pytest.mark.timeout(600)  # its own bounded waits add up to more than the default 300 s
 async def test_exactly_once_across_duplicates_crash_and_redelivery(
     kafka_settings, db, redis_client, worker_factory
 ):

@@ -367,7 +367,9 @@ async def test_a_worker_joining_mid_stream_takes_over_without_rereading(
     users = [uuid.uuid4() for _ in range(12)]
     first, second = valid_events(200, users), valid_events(300, users)
     await publish(s, [(e.partition_key, e.to_json()) for e in first])
-    w1 = worker_factory(s)
+    # a rebalance timeout (= session timeout) no loaded 2-core box can miss
+    env = {"METERING_SESSION_TIMEOUT_S": "30"}
+    w1 = worker_factory(s, **env)
 
     async def count(n: int) -> bool:
         w1.assert_running()
@@ -381,7 +383,7 @@ async def test_a_worker_joining_mid_stream_takes_over_without_rereading(
         await publish(s, [(e.partition_key, e.to_json()) for e in second])
 
         await wait_until_a_write_waits_on_a_lock(db)
-        w2 = worker_factory(s)
+        w2 = worker_factory(s, **env)
 
         async def revoking() -> bool:
             w2.assert_running()
@@ -389,7 +391,6 @@ async def test_a_worker_joining_mid_stream_takes_over_without_rereading(
             return re.search(r"usage consumer revoked \[\d", w1.log_path.read_text()) is not None
 
         await eventually(revoking, timeout=60, what="worker 2's join to revoke worker 1")
-        await asyncio.sleep(1)  # worker 1 is draining; well inside the 6 s rebalance timeout
     finally:
         await lock.commit()
 

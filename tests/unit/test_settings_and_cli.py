@@ -29,7 +29,7 @@ def test_bad_settings_name_themselves(env, message):
 
 # One value each rule must refuse, and one at the edge it must accept.
 BAD_AND_EDGE = {
-    "kafka_bootstrap": ("localhost", "a:1,b:65535"),
+    "kafka_bootstrap": ("localhost:99999", "kafka,b:65535"),
     "database_url": ("mysql://x", "postgres://u@h/db"),
     "redis_url": ("http://nope", "unix:///tmp/redis.sock"),
     "events_topic": ("usage events", "u" * 249),
@@ -41,13 +41,13 @@ BAD_AND_EDGE = {
     "batch_size": ("0", "100000"),
     "batch_within_s": ("0", "60"),
     "writers": ("17", "1"),
-    "session_timeout_s": ("5", "6"),
+    "session_timeout_s": ("0", "1"),
     "reconcile_interval_s": ("0", "1"),
     "db_command_timeout_s": ("0.5", "3600"),
     "web_enabled": None,  # coercion refuses anything but a boolean word
     "web_port": ("70000", "65535"),
-    "web_bind": ("localhost", "::1"),
-    "redis_key_prefix": ("my prefix", "test-1:x"),
+    "web_bind": ("not a host!", "localhost"),
+    "redis_key_prefix": ("my prefix", "{metering}"),
     "key_pepper": None,  # any string
     "key_cache_ttl_s": ("0", "1"),
     "negative_cache_ttl_s": ("0", "86400"),
@@ -158,3 +158,14 @@ def test_the_pepper_never_shows_in_repr():
     s = Settings.from_env({"METERING_KEY_PEPPER": "pepper-value"})
     assert s.key_pepper == "pepper-value"
     assert "pepper-value" not in repr(s)
+
+
+def test_a_url_password_never_shows_in_the_error():
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"METERING_DATABASE_URL": "postgresql+asyncpg://ana:s3cret@db/x"})
+    assert "s3cret" not in str(caught.value) and "ana:***@db/x" in str(caught.value)
+
+
+def test_a_value_of_the_wrong_type_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="METERING_TRUSTED_PROXIES"):
+        Settings.from_env({}, trusted_proxies=None)
