@@ -168,7 +168,8 @@ class EdgeGuard:
             addr = ip_hex(client_ip)
         except ValueError:
             addr = "00000000"
-        day = self._clock().astimezone(UTC).date().isoformat()
+        today = self._clock().astimezone(UTC)  # read once: the day and Retry-After agree
+        day = today.date().isoformat()
         args = (self._prefix, key_hash, addr, day, str(self._anon), str(self._fails))
         try:
             result = await self._eval(args)
@@ -183,7 +184,7 @@ class EdgeGuard:
                 result = await self._eval(args)
         except (RedisError, OSError) as exc:
             return await self._redis_down(exc, key_hash, client_ip)
-        decision = self._decide(result)
+        decision = self._decide(result, today)
         if decision.status is not None:
             self.stats.rejected[decision.reason] += 1
         if decision.shadowed:
@@ -202,7 +203,7 @@ class EdgeGuard:
         # NX: a refresh by a lifecycle change that landed meanwhile wins over this fill.
         await self._redis.set(key, cache_entry(identity), nx=True, ex=self._ttl)
 
-    def _decide(self, r: Sequence[Any]) -> Decision:
+    def _decide(self, r: Sequence[Any], today: datetime) -> Decision:
         code = r[0].decode() if isinstance(r[0], bytes) else str(r[0])
         identity = self._identity(r[1]) if r[1] else None
         limit, remaining, reset_ms, retry_ms = int(r[2]), int(r[3]), int(r[4]), int(r[5])
@@ -236,7 +237,6 @@ class EdgeGuard:
             return Decision(403, "forbidden_ip", identity)
         if code in ("rate_limited", "quota_exceeded"):
             if code == "quota_exceeded":
-                today = self._clock().astimezone(UTC)
                 midnight = today.replace(hour=0, minute=0, second=0, microsecond=0)
                 retry_s = int((midnight + timedelta(days=1) - today).total_seconds()) + 1
             else:

@@ -55,8 +55,41 @@ class LogTrap(logging.Handler):
 TRAP = LogTrap()
 
 
+# Where each shared service log stood when this module began: they are
+# cumulative (other sessions, earlier runs), so only what this module's tests
+# appended is theirs to answer for.
+LOG_START: dict[Path, int] = {}
+
+
+def service_logs(settings: Settings) -> list[Path]:
+    """The logs of the running broker, Redis and PostgreSQL, found from the services."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        redis_log = Path(client.config_get("logfile")["logfile"])
+    finally:
+        client.close()
+    kafka_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    kafka_pid = next(
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == kafka_port
+    )
+    [logs_dir] = [
+        a.split("=", 1)[1]
+        for a in psutil.Process(kafka_pid).cmdline()
+        if a.startswith("-Dkafka.logs.dir=")
+    ]
+    pg_logs = sorted(Path("/var/log/postgresql").glob("postgresql-*.log"))
+    assert pg_logs, "no PostgreSQL log"
+    return [redis_log, Path(logs_dir) / "kafka.log", *pg_logs]
+
+
 @pytest.fixture(scope="module", autouse=True)
-def trap_all_logs():
+def trap_all_logs(services: Settings):
+    for path in service_logs(services):
+        LOG_START[path] = path.stat().st_size if path.is_file() else 0
     root = logging.getLogger()
     old = root.level
     root.addHandler(TRAP)
@@ -696,43 +729,36 @@ async def test_the_daily_quota_turns_over_at_utc_midnight_at_a_months_end(
 
 
 # Keep this last in the module: it reads every log the tests above wrote.
-def log_files(basetemp: Path, redis_log: str, kafka_port: int, pg_version: str) -> dict[str, str]:
-    """The workers' logs and those of the running broker, Redis and PostgreSQL."""
+def log_files(basetemp: Path) -> dict[str, str]:
+    """The workers' logs, whole, and what this module appended to the service logs."""
     out: dict[str, str] = {}
     workers = sorted(basetemp.rglob("worker-*.log"))
     assert workers, "no worker log"
-    kafka_pid = next(
-        c.pid
-        for c in psutil.net_connections(kind="tcp")
-        if c.status == psutil.CONN_LISTEN and c.laddr.port == kafka_port
-    )
-    [logs_dir] = [
-        a.split("=", 1)[1]
-        for a in psutil.Process(kafka_pid).cmdline()
-        if a.startswith("-Dkafka.logs.dir=")
-    ]
-    pg_logs = sorted(Path("/var/log/postgresql").glob(f"postgresql-{pg_version}-*.log"))
-    assert pg_logs, "no PostgreSQL log"
-    for path in [*workers, Path(redis_log), Path(logs_dir) / "kafka.log", *pg_logs]:
-        assert path.is_absolute() and path.is_file(), f"missing log {path}"
-        out[str(path)] = path.read_text(errors="replace")
+    for path in workers:
+        text = path.read_text(errors="replace")
+        assert text.strip(), f"log {path} is empty"
+        out[str(path)] = text
+    assert LOG_START, "the service logs were not located when the module began"
+    for path, start in LOG_START.items():
+        assert path.is_absolute() and path.is_file() and path.stat().st_size, f"no log {path}"
+        with path.open("rb") as f:
+            f.seek(start if path.stat().st_size >= start else 0)  # rotated: all of it
+            out[f"{path} (from byte {start})"] = f.read().decode(errors="replace")
     return out
 
 
-async def test_no_plaintext_key_in_any_log(tmp_path_factory, services, redis_client, db):
+async def test_no_plaintext_key_in_any_log(tmp_path_factory):
     """Runs last in this module: every log line captured in-process (uvicorn
     access and error logs, metering, faust), the workers' logs and the logs of
-    the running broker, Redis and PostgreSQL must be free of keys. Each
-    source must exist and hold something: a missing log proves nothing."""
+    the running broker, Redis and PostgreSQL (what the module appended) must
+    be free of keys. Each source must exist and hold something: a missing
+    log proves nothing."""
     assert ISSUED, "the tests above issued keys"
+    assert TRAP.lines, "nothing was logged in-process"
     sources: dict[str, str] = {"in-process": "\n".join(TRAP.lines)}
     assert {"uvicorn.access", "uvicorn.error", "metering.middleware"} <= TRAP.loggers, TRAP.loggers
-    redis_log = (await redis_client.config_get("logfile"))["logfile"]
-    version = (await db.fetchval("SHOW server_version")).split(".")[0]
-    kafka_port = int(services.kafka_bootstrap.rsplit(":", 1)[1])
-    sources.update(log_files(Path(tmp_path_factory.getbasetemp()), redis_log, kafka_port, version))
+    sources.update(log_files(Path(tmp_path_factory.getbasetemp())))
     for name, text in sources.items():
-        assert text.strip(), f"log {name} is empty"
         for key in ISSUED:
             assert key not in text, f"a key in {name}"
         assert not keys.KEY_PATTERN.search(text), f"something key-shaped in {name}"
