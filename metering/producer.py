@@ -129,15 +129,18 @@ class UsageProducer:
             self._task = asyncio.create_task(self._run(), name="metering-producer")
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Flush buffered events (up to ``timeout`` seconds), then close. Idempotent.
+        """Flush buffered events, then close, within ``timeout`` seconds in all
+        (plus about a second to cut connections that do not close). Idempotent.
 
         Events still held when the time is up are lost with the process: they
         are counted as dropped and abandoned, and logged as an error."""
         if self._task is None:
             return
         self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # one budget for flushing and closing
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+            await asyncio.wait_for(self._queue.join(), max(0.0, timeout - min(3.0, timeout * 0.3)))
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -145,16 +148,16 @@ class UsageProducer:
         if self._kafka is not None:
             kafka, self._kafka = self._kafka, None
             try:  # delivers what aiokafka still holds, if the broker answers soon
-                await asyncio.wait_for(kafka.stop(), 5 if self._held else 30)
+                await asyncio.wait_for(kafka.stop(), max(0.5, deadline - loop.time()))
             except TimeoutError:
                 log.warning("Kafka producer did not close in time; closing its connections")
                 sender = getattr(getattr(kafka, "_sender", None), "sender_task", None)
                 if sender is not None:  # or it keeps retrying, on new connections
                     sender.cancel()
                     with contextlib.suppress(BaseException):
-                        await asyncio.wait_for(sender, 2)
+                        await asyncio.wait_for(sender, 0.5)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(kafka.client.close(), 2)
+                    await asyncio.wait_for(kafka.client.close(), 0.5)
         if self._held:
             lost, self._held = self._held, 0
             self._abandoned_at_stop = True
