@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -45,7 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
@@ -53,95 +52,13 @@ from metering.counters import DailyTotal, UsageCounters
 from metering.db import connect, is_connection_error, is_row_fault
 from metering.db.migrate import maintain_partitions
 from metering.db.usage import UsageWriter, WriteResult
+from metering.deadletters import DeadLetter, DeadLetterSink, RawRecord
 from metering.errors import InvalidEventError, ServiceUnavailable
 from metering.events import TimePolicy, UsageEvent, decode
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """A Kafka record as consumed, before decoding."""
-
-    value: bytes | None
-    key: bytes | None = None
-    topic: str = ""
-    partition: int = -1
-    offset: int = -1
-    timestamp_ms: int | None = None
-    headers: Headers = field(default_factory=list)
-
-
-# A dead letter that does not fit the producer's request size keeps this much
-# of the original value (and of its key), plus its size and SHA-256.
-TRUNCATED_VALUE_BYTES = 8 * 1024
-TRUNCATED_KEY_BYTES = 1024
-TRUNCATED_HEADERS_BYTES = 8 * 1024
-_RECORD_OVERHEAD = 128  # record framing, per record and per header (generous)
-
-
-def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
-    """An upper bound of a record's size in a produce request."""
-    size = _RECORD_OVERHEAD + len(key or b"") + len(value or b"")
-    return size + sum(_RECORD_OVERHEAD + len(k.encode()) + len(v or b"") for k, v in headers)
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    record: RawRecord
-    reason: str
-    detail: str
-
-    def headers(self) -> Headers:
-        """Original headers plus the reason and where the record came from."""
-        return [*self.record.headers, *self._dlq_headers()]
-
-    def _dlq_headers(self) -> Headers:
-        return [
-            ("x-dlq-reason", self.reason.encode()),
-            ("x-dlq-detail", self.detail.encode(errors="replace")[:1024]),
-            ("x-dlq-source-topic", self.record.topic.encode(errors="replace")),
-            ("x-dlq-source-partition", str(self.record.partition).encode()),
-            ("x-dlq-source-offset", str(self.record.offset).encode()),
-            ("x-dlq-failed-at", datetime.now(UTC).isoformat().encode()),
-        ]
-
-    def fitted(
-        self, max_bytes: int, *, minimal: bool = False
-    ) -> tuple[bytes | None, bytes | None, Headers]:
-        """``(key, value, headers)`` to publish: the record untouched when it fits
-        ``max_bytes``; otherwise the first bytes of the value (and key), with the
-        original size and SHA-256 in ``x-dlq-original-*`` headers and
-        ``x-dlq-truncated: 1``. ``minimal`` keeps an empty value, no key and
-        none of the original headers (for a topic that refuses even the
-        truncated form). Never both key and value None: producers refuse that."""
-        rec = self.record
-        headers = self.headers()
-        if rec.key is None and rec.value is None:
-            # Kafka producers refuse a record with neither key nor value
-            return None, b"", [*headers, ("x-dlq-original-value", b"null")]
-        if not minimal and record_size(rec.key, rec.value, headers) <= max_bytes:
-            return rec.key, rec.value, headers
-        value = rec.value or b""
-        key = rec.key
-        extra: Headers = [
-            ("x-dlq-truncated", b"1"),
-            ("x-dlq-original-size", str(len(value)).encode()),
-            ("x-dlq-original-sha256", hashlib.sha256(value).hexdigest().encode()),
-        ]
-        if key is not None and (minimal or len(key) > TRUNCATED_KEY_BYTES):
-            extra.append(("x-dlq-original-key-size", str(len(key)).encode()))
-            extra.append(("x-dlq-original-key-sha256", hashlib.sha256(key).hexdigest().encode()))
-            key = None if minimal else key[:TRUNCATED_KEY_BYTES]
-        original = rec.headers
-        if original and (minimal or record_size(None, None, original) > TRUNCATED_HEADERS_BYTES):
-            extra.append(("x-dlq-original-headers-dropped", str(len(original)).encode()))
-            original = []
-        kept = b"" if minimal else value[:TRUNCATED_VALUE_BYTES]
-        return key, kept, [*original, *self._dlq_headers(), *extra]
 
 
 # A batch of at least this many events, every one refused by PostgreSQL for
@@ -151,11 +68,6 @@ SYSTEMIC_REJECTION_MIN = 10
 
 class SystemicRejection(ServiceUnavailable):
     """PostgreSQL refused every event of a batch the same way: pause, don't dead-letter."""
-
-
-class DeadLetterSink(Protocol):
-    async def send(self, letters: Sequence[DeadLetter]) -> None:
-        """Durably publish the letters (return only once the broker has them)."""
 
 
 @dataclass(slots=True)
@@ -367,26 +279,32 @@ class UsagePipeline:
         slot.forget_partitions()  # a partition dropped meanwhile is re-created, not blamed on rows
         inserted = 0
         totals: dict[tuple[object, object], DailyTotal] = {}
-        refused: list[tuple[UsageEvent, BaseException]] = []
-        pending: list[list[UsageEvent]] = [events[len(events) // 2 :], events[: len(events) // 2]]
-        while pending:
-            part = pending.pop()
-            if not part:
-                continue
+
+        async def refusal(part: Sequence[UsageEvent]) -> BaseException | None:
+            """Write ``part``; the row fault PostgreSQL answered, or None once written."""
+            nonlocal inserted
             try:
                 one = await self._retry("PostgreSQL write", partial(write, part), slot.drop)
             except Exception as exc:
                 if not is_row_fault(exc):
                     raise
-                if len(part) > 1:
-                    half = len(part) // 2
-                    pending += [part[half:], part[:half]]
-                else:
-                    refused.append((part[0], exc))
-                continue
+                return exc
             inserted += one.inserted
             for t in one.totals:
                 totals[(t.user_id, t.day)] = t
+            return None
+
+        refused: list[tuple[UsageEvent, BaseException]] = []
+        pending: list[list[UsageEvent]] = [events[len(events) // 2 :], events[: len(events) // 2]]
+        while pending:
+            part = pending.pop()
+            if not part or (exc := await refusal(part)) is None:
+                continue
+            if len(part) > 1:
+                half = len(part) // 2
+                pending += [part[half:], part[:half]]
+            else:
+                refused.append((part[0], exc))
         causes = {_cause(exc) for _, exc in refused}
         if len(refused) == len(events) >= SYSTEMIC_REJECTION_MIN and len(causes) == 1:
             # Every event refused for the same reason: the schema, not the data
@@ -398,16 +316,8 @@ class UsagePipeline:
         # its place in billing: the schema may have been fixed during the pass.
         letters = []
         for e, _ in refused:
-            try:
-                one = await self._retry("PostgreSQL write", partial(write, [e]), slot.drop)
-            except Exception as exc:
-                if not is_row_fault(exc):
-                    raise
+            if (exc := await refusal([e])) is not None:
                 letters.append(DeadLetter(sources[id(e)], "rejected_by_database", _describe(exc)))
-                continue
-            inserted += one.inserted
-            for t in one.totals:
-                totals[(t.user_id, t.day)] = t
         written = len(events) - len(letters)
         return WriteResult(written, inserted, list(totals.values())), letters
 
@@ -521,10 +431,6 @@ class UsagePipeline:
                 log.exception("reconcile failed; trying again at the next interval")
         finally:
             self._idle.put_nowait(slot)
-
-    @property
-    def redis_needs_rebuild(self) -> bool:
-        return self._redis_failed_gen > self._redis_rebuilt_gen
 
 
 def _cause(exc: BaseException) -> tuple[object, ...]:

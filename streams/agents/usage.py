@@ -48,9 +48,10 @@ from aiokafka.errors import (
 from faust.exceptions import ProducerSendError
 
 from metering.counters import UsageCounters
+from metering.deadletters import DeadLetter, RawRecord
 from metering.errors import ServiceUnavailable
 from metering.events import TimePolicy
-from metering.pipeline import DeadLetter, RawRecord, UsagePipeline
+from metering.pipeline import UsagePipeline
 from streams.app import app, settings
 from streams.topics import usage_dlq
 

@@ -11,8 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from metering.counters import UsageCounters
+from metering.deadletters import DeadLetter, RawRecord
 from metering.events import TimePolicy, UsageEvent
-from metering.pipeline import DeadLetter, RawRecord, UsagePipeline
+from metering.pipeline import UsagePipeline
 
 
 class CollectedLetters:
@@ -45,16 +46,21 @@ def raw(events: Sequence[UsageEvent]) -> list[RawRecord]:
     ]
 
 
+def pipeline_for(database_url, redis_client, redis_prefix, **kw) -> UsagePipeline:
+    """A pipeline on the test's database and Redis prefix, dead letters collected."""
+    return UsagePipeline(
+        database_url=database_url,
+        counters=kw.pop("counters", None) or UsageCounters(redis=redis_client, prefix=redis_prefix),
+        dead_letters=kw.pop("dead_letters", None) or CollectedLetters(),
+        max_backoff_s=0.2,
+        **kw,
+    )
+
+
 @pytest.fixture
 async def pipeline(database_url, redis_client, redis_prefix):
-    letters = CollectedLetters()
-    p = UsagePipeline(
-        database_url=database_url,
-        counters=UsageCounters(redis=redis_client, prefix=redis_prefix),
-        dead_letters=letters,
-        max_backoff_s=0.2,
-    )
-    p.letters = letters  # type: ignore[attr-defined]
+    p = pipeline_for(database_url, redis_client, redis_prefix)
+    p.letters = p._dead_letters  # type: ignore[attr-defined]
     async with p:
         yield p
 

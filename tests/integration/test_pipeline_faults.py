@@ -20,21 +20,11 @@ import orjson
 
 from metering.counters import UsageCounters
 from metering.db.usage import UsageWriter
+from metering.deadletters import RawRecord
 from metering.errors import ServiceUnavailable
 from metering.events import TimePolicy
-from metering.pipeline import RawRecord, UsagePipeline
-from tests.integration.test_pipeline_db import CollectedLetters, event, raw
-
-
-def pipeline_for(database_url, redis_client, redis_prefix, **kw) -> UsagePipeline:
-    p = UsagePipeline(
-        database_url=database_url,
-        counters=kw.pop("counters", None) or UsageCounters(redis=redis_client, prefix=redis_prefix),
-        dead_letters=kw.pop("dead_letters", None) or CollectedLetters(),
-        max_backoff_s=0.2,
-        **kw,
-    )
-    return p
+from metering.pipeline import UsagePipeline
+from tests.integration.test_pipeline_db import CollectedLetters, event, pipeline_for, raw
 
 
 def letters_of(p: UsagePipeline) -> CollectedLetters:
