@@ -10,9 +10,10 @@ When Kafka is unreachable the buffer holds events and sends are retried with
 backoff for as long as it takes. Events are dropped, and every drop is
 counted (``stats.dropped``), only when the buffer is full, when an event is
 over the contract's size, when Kafka refuses a delivery for good (a
-non-retriable error, ``MAX_DELIVERY_FAILURES`` times) or at ``stop()``. ``stop()`` flushes what is buffered, bounded
-by a timeout; whatever it could not send is counted as dropped (and as
-``stats.abandoned``) and logged, so at every moment
+non-retriable error, ``MAX_DELIVERY_FAILURES`` times) or at ``stop()``.
+``stop()`` flushes what is buffered, bounded by a timeout; whatever it could
+not send is counted as dropped (and as ``stats.abandoned``) and logged, so
+at every moment
 
     emitted == sent + dropped + buffered
 
@@ -287,11 +288,10 @@ class UsageProducer:
                 delay = min(delay * 2, self._max_backoff)
 
     def _delivered(self, fut: asyncio.Future[object], items: list[_Item]) -> None:
-        failed = fut.cancelled() or fut.exception() is not None
         if self._abandoned_at_stop:
             return  # stop() counted these as dropped; its sender is gone
-        if failed:
-            exc = None if fut.cancelled() else fut.exception()
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
             # Retriable (no leader, a timeout): again, for as long as it takes.
             # Not retriable (the topic refuses them): a bounded number of times.
             refused = exc is not None and not getattr(exc, "retriable", False)
@@ -315,10 +315,11 @@ class UsageProducer:
                 self.stats.dropped += given_up
                 self._held -= given_up
                 log.error(
-                    "%d usage events dropped: Kafka refused them %d times (%s)",
+                    "%d usage events dropped: Kafka refused them %d times (%s), or the "
+                    "buffer had no room left to try again",
                     given_up,
                     MAX_DELIVERY_FAILURES,
-                    "cancelled" if fut.cancelled() else repr(fut.exception()),
+                    "cancelled" if exc is None else repr(exc),
                 )
         else:
             self.stats.sent += len(items)
