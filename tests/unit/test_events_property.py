@@ -26,6 +26,7 @@ from metering.events import (
     UsageEvent,
     decode,
 )
+from tests.unit.test_events import record  # a valid v1 record, overridable
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 POLICY = TimePolicy(now=NOW)
@@ -147,29 +148,12 @@ def test_arbitrary_contract_objects_decode_or_are_rejected(obj: dict[str, object
     check(json.dumps(obj).encode())
 
 
-def valid(**overrides: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "event_id": str(uuid.uuid4()),
-        "occurred_at": "2026-11-23T11:59:00Z",
-        "user_id": str(uuid.uuid4()),
-        "api_key_id": None,
-        "endpoint": "/v1/x",
-        "method": "GET",
-        "status_code": 200,
-        "response_time_ms": 1.0,
-        "client_ip": "203.0.113.7",
-        "schema_version": 1,
-    }
-    base.update(overrides)
-    return base
-
-
 @settings(max_examples=300)
 @given(st.sampled_from(FIELDS).flatmap(lambda f: st.tuples(st.just(f), field_values[f])))
 def test_one_field_changed_from_a_valid_event(change: tuple[str, object]) -> None:
     """Closer to the contract than random objects: one field off a valid event."""
     name, value = change
-    check(json.dumps(valid(**{name: value})).encode())
+    check(json.dumps(record(**{name: value})).encode())
 
 
 @pytest.mark.parametrize(
@@ -184,7 +168,7 @@ def test_the_records_that_used_to_crash_the_worker(
     overrides: dict[str, object], detail: str
 ) -> None:
     with pytest.raises(InvalidEventError) as caught:
-        decode(orjson.dumps(valid(**overrides)), POLICY)
+        decode(orjson.dumps(record(**overrides)), POLICY)
     assert caught.value.reason == "bad_value" and detail in caught.value.detail
 
 
@@ -197,5 +181,5 @@ def test_an_unforeseen_failure_is_still_a_reason(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(events, "is_ip", broken)
     with pytest.raises(InvalidEventError) as caught:
-        decode(orjson.dumps(valid()), POLICY)
+        decode(orjson.dumps(record()), POLICY)
     assert caught.value.reason == "bad_value" and "RuntimeError" in caught.value.detail
