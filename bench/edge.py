@@ -34,9 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.pipeline import create_db, drop_db, drop_redis_keys
-from metering.db import accounts, connect
+from metering.accounts import store as accounts
+from metering.db import connect
+from metering.kafka import delete_topics, ensure_topics
 from metering.settings import Settings
-from metering.topics import delete_topics, ensure_topics
 
 
 def free_port() -> int:

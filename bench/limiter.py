@@ -32,7 +32,7 @@ from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from metering.limiter import RateLimiter
+from metering.redis.limiter import RateLimiter
 from metering.settings import Settings
 
 Check = Callable[[str], Awaitable[bool]]

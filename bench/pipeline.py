@@ -42,12 +42,12 @@ from aiokafka.structs import TopicPartition
 
 from metering.db.admin import database_url, drop_database
 from metering.db.migrate import migrate
-from metering.db.usage import to_row
+from metering.dev.simulate import SimUser, make_event
 from metering.events import decode
+from metering.kafka import delete_topics, ensure_topics
 from metering.metrics import parse
 from metering.settings import Settings
-from metering.simulate import SimUser, make_event
-from metering.topics import delete_topics, ensure_topics
+from metering.usage.store import to_row
 
 
 async def create_db(base: Settings, name: str) -> str:

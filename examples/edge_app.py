@@ -18,8 +18,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from metering import metrics
-from metering.db.accounts import Identity
-from metering.middleware import MeteringEdge, MeteringMiddleware, current_identity, require_scopes
+from metering.accounts.store import Identity
+from metering.edge.middleware import (
+    MeteringEdge,
+    MeteringMiddleware,
+    current_identity,
+    require_scopes,
+)
 from metering.settings import Settings
 
 

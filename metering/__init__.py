@@ -1,7 +1,7 @@
 """metering: API usage metering for edge services and the stream workers."""
 
+from metering.edge.producer import UsageProducer
 from metering.events import UsageEvent
-from metering.producer import UsageProducer
 from metering.settings import Settings
 
 __all__ = ["Settings", "UsageEvent", "UsageProducer"]

@@ -1,7 +1,7 @@
 """Prometheus text exposition (format 0.0.4): writing it, and reading it back.
 
 The worker serves its pipeline counters at ``/metrics``; an edge serves
-:meth:`metering.middleware.MeteringEdge.metrics` wherever the app mounts it.
+:meth:`metering.edge.middleware.MeteringEdge.metrics` wherever the app mounts it.
 Counters are per process (one uvicorn worker, one set), as Prometheus
 expects when it scrapes each process.
 """

@@ -2,19 +2,23 @@
 so a malformed record goes to the dead-letter topic instead of killing them.
 
 ``usage.events`` itself is consumed by the batch consumer in
-``streams/agents/usage.py`` (aiokafka, not a Faust agent) and is created by
+``streams/usage.py`` (aiokafka, not a Faust agent) and is created by
 ``metering topics ensure`` / the worker's start-up.
 """
 
 from __future__ import annotations
 
-from streams.app import app, settings
+import faust
 
-usage_dlq = app.topic(
-    settings.dlq_topic,
-    key_type=bytes,
-    value_type=bytes,
-    key_serializer="raw",
-    value_serializer="raw",
-    partitions=1,
-)
+from metering.settings import Settings
+
+
+def dead_letter_topic(app: faust.App, settings: Settings) -> faust.types.TopicT:
+    return app.topic(
+        settings.dlq_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=1,
+    )

@@ -11,7 +11,7 @@ transactions (25006, what a demoted primary answers), statement timeouts
 (42P01) and everything else not in classes 22/23 are outages: dead-lettering
 valid events because the database is unwell would lose them from billing.
 (The pipeline adds one more guard: a batch whose every event is refused
-with the same error is treated as an outage too; see metering.pipeline.)
+with the same error is treated as an outage too; see metering.usage.pipeline.)
 """
 
 from __future__ import annotations

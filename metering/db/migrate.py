@@ -1,5 +1,9 @@
 """Numbered plain-SQL migrations (``sql/NNNN_name.sql``), applied in order.
 
+The files ship inside the package as ``metering.migrations`` (the wheel maps
+the repository's top-level ``sql/`` folder there; nothing is copied), so an
+installed ``metering db migrate`` finds them through :mod:`importlib.resources`.
+
 Each file runs in its own transaction and is recorded in
 ``schema_migrations`` with a checksum; re-running applies only what is new.
 A session-level advisory lock makes concurrent runs queue instead of racing.
@@ -11,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
 from metering.errors import MigrationError
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SQL_DIR: Traversable = resources.files("metering.migrations")
 _LOCK_KEY = 7_311_554_001  # pg_advisory_lock key for migrations
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -33,11 +38,13 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def load(directory: Path = SQL_DIR) -> list[Migration]:
+def load(directory: Traversable = SQL_DIR) -> list[Migration]:
     if not directory.is_dir():
         raise MigrationError(f"migrations folder {directory} not found")
     found: list[Migration] = []
-    for path in sorted(directory.glob("*.sql")):
+    for path in sorted(
+        (p for p in directory.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name
+    ):
         match = _NAME.match(path.name)
         if not match:
             raise MigrationError(f"{path.name}: migration files are named NNNN_name.sql")
@@ -48,7 +55,7 @@ def load(directory: Path = SQL_DIR) -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection, directory: Path = SQL_DIR) -> list[Migration]:
+async def migrate(conn: asyncpg.Connection, directory: Traversable = SQL_DIR) -> list[Migration]:
     """Apply pending migrations; return the ones applied by this call."""
     migrations = load(directory)
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)

@@ -17,11 +17,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from metering import metrics, stack
+from metering import metrics
 from metering.db import admin as db_admin
 from metering.db.migrate import migrate
+from metering.dev import stack
+from metering.kafka import delete_topics, ensure_topics
 from metering.settings import Settings
-from metering.topics import delete_topics, ensure_topics
 
 BASE = Settings.from_env()
 

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from metering.kafka import delete_topics
 from metering.settings import Settings
-from metering.topics import delete_topics
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -26,9 +26,9 @@ import uvicorn
 
 from examples.edge_app import create_app
 from metering import keys, metrics
-from metering.counters import DailyTotal, UsageCounters
-from metering.db import accounts
+from metering.accounts import store as accounts
 from metering.settings import Settings
+from metering.usage.counters import DailyTotal, UsageCounters
 from tests.integration.conftest import eventually, listening_socket
 
 PEPPER = "test-pepper"
@@ -300,7 +300,7 @@ async def test_rotation_grace_then_old_key_stops(servers, client, db, redis_clie
     ISSUED.append(new.plaintext)
     assert info.scopes == ["items:read"] and info.rotated_from == old.id
     assert old_after.status == "rotating"
-    from metering.edge import refresh
+    from metering.edge.guard import refresh
 
     await refresh(redis_client, db, [old.key_hash], prefix=srv.guard._prefix)
     for k in (old_key, new.plaintext):  # both work during the grace period
@@ -618,7 +618,7 @@ def small_app(
 
     from fastapi import FastAPI
 
-    from metering.middleware import MeteringEdge, MeteringMiddleware
+    from metering.edge.middleware import MeteringEdge, MeteringMiddleware
 
     edge = MeteringEdge(settings, clock=clock)
 
@@ -756,7 +756,9 @@ async def test_no_plaintext_key_in_any_log(tmp_path_factory):
     assert ISSUED, "the tests above issued keys"
     assert TRAP.lines, "nothing was logged in-process"
     sources: dict[str, str] = {"in-process": "\n".join(TRAP.lines)}
-    assert {"uvicorn.access", "uvicorn.error", "metering.middleware"} <= TRAP.loggers, TRAP.loggers
+    assert {"uvicorn.access", "uvicorn.error", "metering.edge.middleware"} <= TRAP.loggers, (
+        TRAP.loggers
+    )
     sources.update(log_files(Path(tmp_path_factory.getbasetemp())))
     for name, text in sources.items():
         for key in ISSUED:

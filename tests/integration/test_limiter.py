@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from metering.limiter import RateLimiter
+from metering.redis.limiter import RateLimiter
 
 
 @pytest.fixture

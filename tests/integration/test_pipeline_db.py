@@ -10,10 +10,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from metering.counters import UsageCounters
-from metering.deadletters import DeadLetter, RawRecord
 from metering.events import TimePolicy, UsageEvent
-from metering.pipeline import UsagePipeline
+from metering.usage.counters import UsageCounters
+from metering.usage.deadletters import DeadLetter, RawRecord
+from metering.usage.pipeline import UsagePipeline
 
 
 class CollectedLetters:
@@ -208,7 +208,7 @@ async def test_redis_outage_does_not_stop_the_pipeline_and_is_repaired(
 
 
 async def test_counters_never_move_backwards(redis_client, redis_prefix):
-    from metering.counters import DailyTotal
+    from metering.usage.counters import DailyTotal
 
     counters = UsageCounters(redis=redis_client, prefix=redis_prefix)
     user, day = uuid.uuid4(), datetime.now(UTC).date()

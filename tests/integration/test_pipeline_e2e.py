@@ -20,9 +20,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from metering.counters import UsageCounters
+from metering.edge.producer import UsageProducer
 from metering.events import UsageEvent
-from metering.producer import UsageProducer
+from metering.usage.counters import UsageCounters
 from tests.integration.conftest import eventually
 
 USERS = [uuid.uuid4() for _ in range(4)]

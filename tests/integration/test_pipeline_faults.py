@@ -18,12 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
-from metering.counters import UsageCounters
-from metering.db.usage import UsageWriter
-from metering.deadletters import RawRecord
 from metering.errors import ServiceUnavailable
 from metering.events import TimePolicy
-from metering.pipeline import UsagePipeline
+from metering.usage.counters import UsageCounters
+from metering.usage.deadletters import RawRecord
+from metering.usage.pipeline import UsagePipeline
+from metering.usage.store import UsageWriter
 from tests.integration.test_pipeline_db import CollectedLetters, event, pipeline_for, raw
 
 

@@ -14,9 +14,9 @@ import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from metering.edge.producer import MAX_DELIVERY_FAILURES, UsageProducer
 from metering.errors import InvalidEventError
 from metering.events import UsageEvent, decode
-from metering.producer import MAX_DELIVERY_FAILURES, UsageProducer
 from tests.integration.conftest import eventually
 
 

@@ -11,8 +11,8 @@ import uvloop
 from redis.asyncio.connection import Connection
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 
-from metering.resp import RespChannel, pack, supported
-from metering.scripts import CoalescingScript
+from metering.redis.resp import RespChannel, pack, supported
+from metering.redis.scripts import CoalescingScript
 from metering.settings import Settings
 
 BASE = Settings.from_env()

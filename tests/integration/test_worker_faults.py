@@ -305,12 +305,12 @@ INJECT_BUG = """
 import os
 
 if os.environ.get("METERING_TEST_FAULT") == "process-raises":
-    import metering.pipeline
+    import metering.usage.pipeline
 
     async def broken(self, records):
         raise RuntimeError("injected bug in the pipeline")
 
-    metering.pipeline.UsagePipeline.process = broken
+    metering.usage.pipeline.UsagePipeline.process = broken
 """
 
 

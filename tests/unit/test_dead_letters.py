@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from metering.deadletters import TRUNCATED_VALUE_BYTES, DeadLetter, RawRecord
+from metering.usage.deadletters import TRUNCATED_VALUE_BYTES, DeadLetter, RawRecord
 
 
 @pytest.mark.parametrize("size", [1_010_010, 5_000_000])

@@ -1,6 +1,6 @@
 """Request-side helpers of the middleware (no services needed)."""
 
-from metering.middleware import MeteringMiddleware
+from metering.edge.middleware import MeteringMiddleware
 
 
 def test_forwarded_for_is_read_from_the_right_behind_trusted_proxies():

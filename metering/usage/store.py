@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from metering.counters import DailyTotal
 from metering.db.connect import RowDataError
 from metering.db.partitions import month_partition
 from metering.events import UsageEvent
+from metering.usage.counters import DailyTotal
 
 STAGE_COLUMNS = (
     "event_id",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
-import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
-    from metering import stack
+    from metering.dev import stack
 
     if args.action == "up":
         stack.up(settings)
@@ -279,7 +279,7 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.topics import ensure_topics
+    from metering.kafka import ensure_topics
 
     created = asyncio.run(ensure_topics(settings))
     print(f"created: {', '.join(created)}" if created else "topics exist")
@@ -287,19 +287,18 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.topics import ensure_topics
+    from metering.kafka import ensure_topics
 
     asyncio.run(ensure_topics(settings))
-    # streams.app reads its settings at import: hand the flags over through them.
     if args.no_web:
-        os.environ["METERING_WEB_ENABLED"] = "false"
+        settings = dataclasses.replace(settings, web_enabled=False)
     if args.web_port:
-        os.environ["METERING_WEB_PORT"] = str(args.web_port)
+        settings = dataclasses.replace(settings, web_port=args.web_port)
     from faust.worker import Worker
 
-    from streams.app import app
+    from streams.app import create_app
 
-    worker = Worker(app, loglevel=args.loglevel, quiet=True)
+    worker = Worker(create_app(settings), loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()  # runs until SIGINT/SIGTERM, then exits
     return 0
 
@@ -308,10 +307,10 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from metering import simulate
     from metering.db import connect
-    from metering.producer import UsageProducer
-    from metering.topics import ensure_topics
+    from metering.dev import simulate
+    from metering.edge.producer import UsageProducer
+    from metering.kafka import ensure_topics
 
     console = Console()
     if args.http and not args.http.startswith(("http://", "https://")):
@@ -401,8 +400,8 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from metering.counters import UsageCounters
-    from metering.report import daily_usage
+    from metering.usage.counters import UsageCounters
+    from metering.usage.report import daily_usage
 
     async def go(conn: Any, client: Any) -> list[Any]:
         counters = UsageCounters(redis=client, prefix=settings.redis_key_prefix)
@@ -438,7 +437,7 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_counters(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.counters import UsageCounters
+    from metering.usage.counters import UsageCounters
 
     async def go(conn: Any, client: Any) -> int:
         return await UsageCounters(redis=client, prefix=settings.redis_key_prefix).rebuild(conn)
@@ -479,7 +478,7 @@ def _refresh(settings: Settings, hashes: list[str]) -> None:
     """Push a key change to every edge now (they would otherwise wait for the cache TTL)."""
     from redis.exceptions import RedisError
 
-    from metering.edge import refresh
+    from metering.edge.guard import refresh
 
     async def go(conn: Any, client: Any) -> None:
         await refresh(
@@ -519,7 +518,7 @@ def _when(ts: datetime | None) -> str | None:
 
 
 def cmd_tiers(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.db import accounts
+    from metering.accounts import store as accounts
 
     if args.action == "list":
         tiers = _with_db(settings, accounts.list_tiers)
@@ -557,7 +556,7 @@ def cmd_tiers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.db import accounts
+    from metering.accounts import store as accounts
 
     if args.action == "list":
         users = _with_db(settings, accounts.list_users)
@@ -589,7 +588,7 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.db import accounts
+    from metering.accounts import store as accounts
 
     pepper = settings.pepper
     if args.action == "create":

@@ -2,7 +2,7 @@
 
 Users are created in PostgreSQL (``sim-user-N@example.com``, tiers in turn)
 so reports can join them; key ids are stable UUIDs derived from the user.
-Events go through :class:`~metering.producer.UsageProducer`, like an edge.
+Events go through :class:`~metering.edge.producer.UsageProducer`, like an edge.
 Optional extras exercise the pipeline's guarantees: exact duplicates (a
 producer retry resends the same record) and malformed records (which must
 land in the dead-letter topic).
@@ -21,8 +21,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from metering.edge.producer import UsageProducer
 from metering.events import UsageEvent
-from metering.producer import UsageProducer
 
 _NS = uuid.UUID("5f1d6c3e-9a57-4c1e-9a43-0d3c2b7f8e11")
 
@@ -204,7 +204,7 @@ async def issue_keys(
     conn: asyncpg.Connection, users: list[SimUser], pepper: bytes | None
 ) -> dict[uuid.UUID, str]:
     """One key per simulated user (kept in memory only); every other user lacks items:write."""
-    from metering.db import accounts
+    from metering.accounts import store as accounts
 
     out = {}
     for i, u in enumerate(users):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
-from metering.scripts import CoalescingScript, load_source
+from metering.redis.scripts import CoalescingScript, load_source
 
 
 class LimitResult(NamedTuple):

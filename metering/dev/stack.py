@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from metering.errors import StackError
 from metering.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STACK_FILES = ROOT / "stack"
 STATE = Path(os.environ.get("METERING_STACK_DIR", ROOT / ".stack"))
 KAFKA_HEAP = os.environ.get("METERING_KAFKA_HEAP", "-Xms256m -Xmx512m")
@@ -416,10 +416,10 @@ def _kafka_client_ready(ep: Endpoints, timeout: float = 60) -> None:
         await admin.start()
         try:
             try:
-                await admin.create_topics([NewTopic("metering.stack.probe", 1, 1)])
+                await admin.create_topics([NewTopic("metering.dev.stack.probe", 1, 1)])
             except TopicAlreadyExistsError:
                 pass
-            if "metering.stack.probe" not in await admin.list_topics():
+            if "metering.dev.stack.probe" not in await admin.list_topics():
                 raise StackError("probe topic not visible yet")
         finally:
             await admin.close()

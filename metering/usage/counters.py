@@ -47,7 +47,7 @@ class UsageCounters:
     def __init__(self, *, redis: aioredis.Redis, prefix: str = "metering") -> None:
         self._redis = redis
         self._prefix = prefix
-        source = resources.files("metering").joinpath("lua/set_daily_totals.lua").read_text()
+        source = resources.files("metering.redis").joinpath("lua/set_daily_totals.lua").read_text()
         self._set_totals = redis.register_script(source)
 
     def key(self, user_id: UUID | str, day: date) -> str:

@@ -8,7 +8,7 @@ Per batch:
 * decode + validate every record; invalid ones become dead letters (the
   original bytes, key and headers, plus ``x-dlq-*`` headers with the reason)
   and are published before the batch is acknowledged;
-* write the valid ones with :class:`~metering.db.usage.UsageWriter` (one
+* write the valid ones with :class:`~metering.usage.store.UsageWriter` (one
   transaction, deduplicated by event id);
 * set the Redis counters to the committed daily totals.
 
@@ -48,13 +48,13 @@ from typing import TypeVar
 
 import asyncpg
 
-from metering.counters import DailyTotal, UsageCounters
 from metering.db import connect, is_connection_error, is_row_fault
 from metering.db.migrate import maintain_partitions
-from metering.db.usage import UsageWriter, WriteResult
-from metering.deadletters import DeadLetter, DeadLetterSink, RawRecord
 from metering.errors import InvalidEventError, ServiceUnavailable
 from metering.events import TimePolicy, UsageEvent, decode
+from metering.usage.counters import DailyTotal, UsageCounters
+from metering.usage.deadletters import DeadLetter, DeadLetterSink, RawRecord
+from metering.usage.store import UsageWriter, WriteResult
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from uuid import UUID
 
 import asyncpg
 
-from metering.counters import UsageCounters
+from metering.usage.counters import UsageCounters
 
 DAILY_USAGE = """
 SELECT d.date, d.user_id, u.email, t.name AS tier, d.request_count, d.units,

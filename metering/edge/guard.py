@@ -36,8 +36,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from metering import keys
-from metering.db import accounts
-from metering.scripts import CoalescingScript, load_source
+from metering.accounts import store as accounts
+from metering.redis.scripts import CoalescingScript, load_source
 
 log = logging.getLogger(__name__)
 

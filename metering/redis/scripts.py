@@ -5,7 +5,7 @@ while another call is in flight and sends them as one EVALSHA: with 64
 concurrent requests that is two round trips instead of 64 (redis-py costs
 ~220 µs of client time per awaited command here, so per-call round trips cap
 a process at a few thousand checks per second). The calls go over a
-:class:`~metering.resp.RespChannel` (a lean pipelined connection, ~6 µs of
+:class:`~metering.redis.resp.RespChannel` (a lean pipelined connection, ~6 µs of
 CPU per command instead of redis-py's ~56 µs) when the client's connection
 type allows, else through redis-py.
 """
@@ -20,12 +20,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from metering.resp import RespChannel, supported
+from metering.redis.resp import RespChannel, supported
 
 
 def load_source(name: str, *, with_gcra: bool = True) -> str:
     """The text of ``metering/lua/<name>.lua``, with the GCRA helpers in front."""
-    lua = resources.files("metering").joinpath("lua")
+    lua = resources.files("metering.redis").joinpath("lua")
     body = lua.joinpath(f"{name}.lua").read_text()
     return (lua.joinpath("gcra.lua").read_text() + "\n" + body) if with_gcra else body
 

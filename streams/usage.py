@@ -8,7 +8,7 @@ agent at 7.5-11.6k records/s, below the pipeline's target (see
 docs/decisions.md, "Usage consumer").
 
 Thin on purpose: it fetches, converts records, calls
-:class:`metering.pipeline.UsagePipeline` and commits offsets.
+:class:`metering.usage.pipeline.UsagePipeline` and commits offsets.
 
 * Offsets are committed only after ``process`` returned, i.e. after the
   batch is in PostgreSQL, and strictly in fetch order: with ``writers``
@@ -35,7 +35,9 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from datetime import timedelta
+from typing import Any, cast
 
+import faust
 import mode
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -47,13 +49,12 @@ from aiokafka.errors import (
 )
 from faust.exceptions import ProducerSendError
 
-from metering.counters import UsageCounters
-from metering.deadletters import DeadLetter, RawRecord
 from metering.errors import ServiceUnavailable
 from metering.events import TimePolicy
-from metering.pipeline import UsagePipeline
-from streams.app import app, settings
-from streams.topics import usage_dlq
+from metering.settings import Settings
+from metering.usage.counters import UsageCounters
+from metering.usage.deadletters import DeadLetter, RawRecord
+from metering.usage.pipeline import UsagePipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class FaustDeadLetters:
     which the pipeline retries (dead letters are at-least-once).
     """
 
-    def __init__(self, max_request_bytes: int) -> None:
+    def __init__(self, topic: faust.types.TopicT, *, max_request_bytes: int) -> None:
+        self._topic = topic
         self._max_bytes = max_request_bytes - 1024
         self.unpublishable = 0
 
@@ -126,7 +128,7 @@ class FaustDeadLetters:
                 len(letter.record.value or b""),
             )
         try:
-            return await usage_dlq.send(key=key, value=value, headers=headers)
+            return await self._topic.send(key=key, value=value, headers=headers)
         except _KAFKA_ERRORS as exc:
             if minimal or not _is_size_error(exc):
                 raise
@@ -151,27 +153,6 @@ class FaustDeadLetters:
         return done
 
 
-def _policy() -> TimePolicy:
-    return TimePolicy(
-        max_future_skew=timedelta(seconds=settings.max_future_skew_s),
-        retention=timedelta(days=settings.retention_days),
-    )
-
-
-dead_letters = FaustDeadLetters(app.conf.producer_max_request_size)
-redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-pipeline = UsagePipeline(
-    database_url=settings.database_url,
-    counters=UsageCounters(redis=redis_client, prefix=settings.redis_key_prefix),
-    dead_letters=dead_letters,
-    policy=_policy,
-    writers=settings.writers,
-    command_timeout_s=settings.db_command_timeout_s,
-    retention_days=settings.retention_days,
-    partitions_ahead_months=settings.partitions_ahead_months,
-)
-
-
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, owner: UsageConsumer) -> None:
         self._owner = owner
@@ -188,9 +169,23 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("usage consumer assigned %s", sorted(tp.partition for tp in assigned))
 
 
-@app.service
 class UsageConsumer(mode.Service):
     """Fetch -> process -> commit, with up to ``settings.writers`` batches in flight."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        pipeline: UsagePipeline,
+        dead_letters: FaustDeadLetters,
+        redis: aioredis.Redis,
+        **kwargs: Any,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.dead_letters = dead_letters
+        self._redis = redis
+        super().__init__(**kwargs)
 
     def __post_init__(self) -> None:
         self._consumer: AIOKafkaConsumer | None = None
@@ -202,30 +197,30 @@ class UsageConsumer(mode.Service):
 
     async def on_start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            group_id=f"{settings.worker_id}-usage-events",
-            client_id=f"{settings.worker_id}-usage",
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=f"{self.settings.worker_id}-usage-events",
+            client_id=f"{self.settings.worker_id}-usage",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=settings.batch_size,
+            max_poll_records=self.settings.batch_size,
             max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_wait_ms=int(settings.batch_within_s * 1000),
-            session_timeout_ms=int(settings.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(min(3.0, settings.session_timeout_s / 3) * 1000),
+            fetch_max_wait_ms=int(self.settings.batch_within_s * 1000),
+            session_timeout_ms=int(self.settings.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(min(3.0, self.settings.session_timeout_s / 3) * 1000),
             max_poll_interval_ms=600_000,  # a PostgreSQL outage pauses us; don't leave the group
         )
-        self._consumer.subscribe([settings.events_topic], listener=_Rebalance(self))
+        self._consumer.subscribe([self.settings.events_topic], listener=_Rebalance(self))
         await self._consumer.start()
 
     async def on_stop(self) -> None:
         # Stop fetching, let the batches in flight finish, commit them, leave.
         self._fetching = False
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._loop_done.wait(), settings.batch_within_s + 5)
+            await asyncio.wait_for(self._loop_done.wait(), self.settings.batch_within_s + 5)
         # Don't wait out an outage on shutdown: batches still failing are
         # abandoned uncommitted (redelivered); healthy ones finish and commit.
         self._stopping = True
-        pipeline.interrupt()
+        self.pipeline.interrupt()
         if self._consumer is not None:
             try:
                 await self.drain()
@@ -233,14 +228,14 @@ class UsageConsumer(mode.Service):
                 log.exception("could not finish the batches in flight; Kafka will redeliver them")
             await self._consumer.stop()
             self._consumer = None
-        await pipeline.stop()
-        await redis_client.aclose()
+        await self.pipeline.stop()
+        await self._redis.aclose()
 
     @mode.Service.task
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        timeout_ms = int(settings.batch_within_s * 1000)
+        timeout_ms = int(self.settings.batch_within_s * 1000)
         try:
             await self._fetch_loop(consumer, timeout_ms)
         finally:
@@ -248,7 +243,9 @@ class UsageConsumer(mode.Service):
 
     async def _fetch_loop(self, consumer: AIOKafkaConsumer, timeout_ms: int) -> None:
         while self._fetching and not self.should_stop:
-            fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=settings.batch_size)
+            fetched = await consumer.getmany(
+                timeout_ms=timeout_ms, max_records=self.settings.batch_size
+            )
             records: list[RawRecord] = []
             offsets: Offsets = {}
             for tp, msgs in fetched.items():
@@ -266,11 +263,11 @@ class UsageConsumer(mode.Service):
                     )
                 offsets[tp] = msgs[-1].offset + 1
             if records:
-                task = asyncio.create_task(pipeline.process(records))
+                task = asyncio.create_task(self.pipeline.process(records))
                 self._inflight.append((task, offsets))
             # Keep at most `writers` batches in flight; retire finished ones in order.
             while self._inflight and (
-                len(self._inflight) >= settings.writers or self._inflight[0][0].done()
+                len(self._inflight) >= self.settings.writers or self._inflight[0][0].done()
             ):
                 await self._retire_oldest()
 
@@ -344,11 +341,42 @@ class UsageConsumer(mode.Service):
             await self._retire_oldest()
 
 
-@app.task
-async def reconcile_on_start() -> None:
-    await pipeline.reconcile()
+def add_usage_consumer(
+    app: faust.App, settings: Settings, dlq: faust.types.TopicT
+) -> UsageConsumer:
+    """Build the usage pipeline for ``settings`` and attach its consumer and
+    housekeeping to ``app``. Nothing connects until the worker starts."""
+    dead_letters = FaustDeadLetters(dlq, max_request_bytes=app.conf.producer_max_request_size)
+    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
 
+    def policy() -> TimePolicy:
+        return TimePolicy(
+            max_future_skew=timedelta(seconds=settings.max_future_skew_s),
+            retention=timedelta(days=settings.retention_days),
+        )
 
-@app.timer(interval=settings.reconcile_interval_s)
-async def reconcile() -> None:
-    await pipeline.reconcile()
+    pipeline = UsagePipeline(
+        database_url=settings.database_url,
+        counters=UsageCounters(redis=redis_client, prefix=settings.redis_key_prefix),
+        dead_letters=dead_letters,
+        policy=policy,
+        writers=settings.writers,
+        command_timeout_s=settings.db_command_timeout_s,
+        retention_days=settings.retention_days,
+        partitions_ahead_months=settings.partitions_ahead_months,
+    )
+    consumer = UsageConsumer(
+        settings=settings, pipeline=pipeline, dead_letters=dead_letters, redis=redis_client
+    )
+    # app.service takes a class or an instance (Faust starts either with the app)
+    app.service(cast(Any, consumer))
+
+    @app.task
+    async def reconcile_on_start() -> None:
+        await pipeline.reconcile()
+
+    @app.timer(interval=settings.reconcile_interval_s)
+    async def reconcile() -> None:
+        await pipeline.reconcile()
+
+    return consumer

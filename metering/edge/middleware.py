@@ -32,12 +32,12 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from metering.db.accounts import Identity
-from metering.edge import Decision, EdgeGuard
+from metering.accounts.store import Identity
+from metering.edge.guard import Decision, EdgeGuard
+from metering.edge.producer import UsageProducer
 from metering.errors import InvalidEventError
 from metering.events import HTTP_METHODS, MAX_UNITS, UsageEvent, is_ip, parse_uuid
 from metering.metrics import Family, render
-from metering.producer import UsageProducer
 
 try:  # FastAPI/Starlette are optional: only the dependencies below need them
     from starlette.requests import Request
