@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.pipeline import create_db, drop_db, drop_redis_keys
-from metering.accounts import store as accounts
+from metering.accounts import AccountsService
 from metering.db import connect
 from metering.kafka import delete_topics, ensure_topics
 from metering.settings import Settings
@@ -194,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         await ensure_topics(s)
         conn = await connect(url)
         try:
-            await accounts.create_tier(
-                conn, name="bench", daily_quota=None, rate_limit_per_minute=1_000_000_000
+            service = AccountsService(conn, cache=None, pepper=None)
+            await service.create_tier(
+                name="bench", daily_quota=None, rate_limit_per_minute=1_000_000_000
             )
-            user = await accounts.create_user(conn, email="bench@example.com", tier="bench")
-            new, _ = await accounts.create_key(conn, user=user.id, pepper=None)
+            user = await service.create_user(email="bench@example.com", tier="bench")
+            new, _ = await service.create_key(user=user.id)
         finally:
             await conn.close()
         return s, new.plaintext

@@ -204,14 +204,14 @@ async def issue_keys(
     conn: asyncpg.Connection, users: list[SimUser], pepper: bytes | None
 ) -> dict[uuid.UUID, str]:
     """One key per simulated user (kept in memory only); every other user lacks items:write."""
-    from metering.accounts import store as accounts
+    from metering.accounts import AccountsService
 
+    # New keys: nothing cached at the edge to keep in step, so no cache here.
+    service = AccountsService(conn, cache=None, pepper=pepper)
     out = {}
     for i, u in enumerate(users):
         scopes = ["items:read", "items:write"] if i % 2 == 0 else ["items:read"]
-        new, _ = await accounts.create_key(
-            conn, user=u.id, pepper=pepper, name="simulate", scopes=scopes
-        )
+        new, _ = await service.create_key(user=u.id, name="simulate", scopes=scopes)
         out[u.id] = new.plaintext
     return out
 

@@ -7,10 +7,11 @@ concurrent requests are coalesced: every call made in the same event-loop
 tick goes to Redis in one pipeline.
 
 Steady state (identity cached) costs one round trip. A cache miss costs one
-indexed PostgreSQL lookup, a ``SET NX`` of the identity (or of a negative
-entry for unknown keys) and the script again. Revoking, deleting or
-suspending overwrites the cache entry with a negative one, so every edge
-sees it on its next request (no per-process cache).
+indexed PostgreSQL lookup, a versioned fill of the shared identity cache (the
+identity, or a negative entry for unknown keys; see
+:mod:`metering.accounts.cache`) and the script again. Lifecycle changes
+(:class:`metering.accounts.AccountsService`) rewrite the entry, so every edge
+sees them on its next request (no per-process cache).
 
 When Redis is unreachable the configured policy applies: ``open`` verifies
 the key against PostgreSQL, skips limits and quotas, logs and counts;
@@ -20,10 +21,8 @@ the key against PostgreSQL, skips limits and quotas, logs and counts;
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -36,38 +35,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from metering import keys
-from metering.accounts import store as accounts
+from metering.accounts import store
+from metering.accounts.cache import IdentityCache
+from metering.accounts.model import Identity
+from metering.addresses import allowed, ip_hex
 from metering.redis.scripts import CoalescingScript, load_source
 
 log = logging.getLogger(__name__)
 
-NEGATIVE = "-"
 DOWN_LOG_EVERY_S = 10
-
-
-def ip_hex(ip: str) -> str:
-    """Client address as fixed-width hex (8 nibbles IPv4, 32 IPv6) for the script."""
-    try:
-        return socket.inet_pton(socket.AF_INET, ip).hex()
-    except OSError:
-        pass
-    addr = ipaddress.ip_address(ip)  # raises ValueError for garbage
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.packed.hex()
-
-
-def network_hex(cidr: str) -> str:
-    net = ipaddress.ip_network(cidr, strict=False)
-    return f"{net.network_address.packed.hex()}/{net.prefixlen}"
-
-
-def _allowed(client_ip: str, allowlist: Sequence[str]) -> bool:
-    try:
-        addr = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return False
-    return any(addr in ipaddress.ip_network(c, strict=False) for c in allowlist)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +52,7 @@ class Decision:
 
     status: int | None  # None: let it through; else the HTTP status to answer with
     reason: str  # ok | anonymous | unauthorized | forbidden_ip | rate_limited | ...
-    identity: accounts.Identity | None = None
+    identity: Identity | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     shadowed: bool = False  # a limit would have rejected it, shadow mode let it through
     degraded: bool = False  # Redis was down and the fail-open policy applied
@@ -113,14 +89,15 @@ class EdgeGuard:
         self._pool = pool
         self._pepper = pepper
         self._prefix = prefix
-        self._ttl = key_cache_ttl_s
-        self._neg_ttl = negative_cache_ttl_s
+        self._cache = IdentityCache(
+            redis, prefix=prefix, ttl_s=key_cache_ttl_s, negative_ttl_s=negative_cache_ttl_s
+        )
         self._anon = anonymous_per_day
         self._fails = auth_failures_per_minute
         self._mode = redis_failure_mode
         self._flush_every = last_used_flush_s
         self._script = CoalescingScript(redis, load_source("edge_check"))
-        self._parsed: dict[bytes, accounts.Identity] = {}
+        self._parsed: dict[bytes, Identity] = {}
         self._last_used: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._down_logged_at = -float(DOWN_LOG_EVERY_S)
@@ -195,13 +172,10 @@ class EdgeGuard:
 
     async def _fill_cache(self, key_hash: str) -> None:
         async with self._pool.acquire() as conn:
-            identity = await accounts.lookup_identity(conn, key_hash)
-        key = f"{self._prefix}:key:{key_hash}"
-        if identity is None:
-            await self._redis.set(key, NEGATIVE, nx=True, ex=self._neg_ttl)
-            return
-        # NX: a refresh by a lifecycle change that landed meanwhile wins over this fill.
-        await self._redis.set(key, cache_entry(identity), nx=True, ex=self._ttl)
+            identity, version = await store.lookup_identity(conn, key_hash)
+        # Refused when the entry exists or a lifecycle change recorded a newer
+        # version meanwhile: the check then sees "miss" and answers 503 (retry).
+        await self._cache.fill(key_hash, identity, version)
 
     def _decide(self, r: Sequence[Any], today: datetime) -> Decision:
         code = r[0].decode() if isinstance(r[0], bytes) else str(r[0])
@@ -251,13 +225,13 @@ class EdgeGuard:
             return Decision(429, code, None, [*headers, ("Retry-After", str(retry_s))])
         raise RuntimeError(f"unexpected edge script answer {code!r}")
 
-    def _identity(self, raw: bytes) -> accounts.Identity:
+    def _identity(self, raw: bytes) -> Identity:
         """Parse a cached identity; parsed forms are memoised by their exact bytes."""
         found = self._parsed.get(raw)
         if found is None:
             data = json.loads(raw)
             data.pop("allow_hex", None)
-            found = accounts.Identity(**data)
+            found = Identity(**data)
             if len(self._parsed) >= 10_000:
                 self._parsed.clear()
             self._parsed[raw] = found
@@ -285,7 +259,7 @@ class EdgeGuard:
             return Decision(401, "unauthorized", degraded=True)
         try:
             async with self._pool.acquire() as conn:
-                identity = await accounts.lookup_identity(conn, key_hash)
+                identity, _ = await store.lookup_identity(conn, key_hash)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as db_exc:
             log.error("PostgreSQL unavailable too (%s): 503", db_exc)
             return Decision(503, "unavailable", headers=[("Retry-After", "5")])
@@ -300,7 +274,7 @@ class EdgeGuard:
             )
         ):
             return Decision(401, "unauthorized", degraded=True)
-        if identity.ip_allowlist and not _allowed(client_ip, identity.ip_allowlist):
+        if identity.ip_allowlist and not allowed(client_ip, identity.ip_allowlist):
             return Decision(403, "forbidden_ip", identity, degraded=True)
         return Decision(None, "ok", identity, degraded=True)
 
@@ -316,7 +290,7 @@ class EdgeGuard:
             return
         try:
             async with self._pool.acquire() as conn:
-                await accounts.touch_last_used(conn, seen)
+                await store.touch_last_used(conn, seen)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("last_used_at not updated (%s); will retry", exc)
             for k, v in seen.items():
@@ -326,41 +300,3 @@ class EdgeGuard:
         while True:
             await asyncio.sleep(self._flush_every)
             await self.flush_last_used()
-
-
-def cache_entry(identity: accounts.Identity) -> str:
-    """The cached form of an identity: its JSON plus the allowlist as hex networks."""
-    payload = json.loads(identity.to_json())
-    payload["allow_hex"] = (
-        [network_hex(c) for c in identity.ip_allowlist] if identity.ip_allowlist else None
-    )
-    return json.dumps(payload, separators=(",", ":"))
-
-
-async def refresh(
-    redis: aioredis.Redis,
-    conn: asyncpg.Connection,
-    key_hashes: Sequence[str],
-    *,
-    prefix: str,
-    ttl_s: int = 60,
-    negative_ttl_s: int = 300,
-) -> None:
-    """Make every edge see a key's current state on its next request.
-
-    Called after a lifecycle change (revoke, delete, rotate, suspend, tier
-    change) has committed: re-reads each key from PostgreSQL and overwrites
-    its cache entry — with a negative entry when the key no longer works.
-    Edges fill the cache with SET NX, so a fill racing with this cannot
-    bring back the old state.
-    """
-    if not key_hashes:
-        return
-    entries = []
-    for h in key_hashes:
-        identity = await accounts.lookup_identity(conn, h)
-        entries.append((h, cache_entry(identity) if identity else NEGATIVE))
-    async with redis.pipeline(transaction=False) as pipe:
-        for h, value in entries:
-            pipe.set(f"{prefix}:key:{h}", value, ex=negative_ttl_s if value == NEGATIVE else ttl_s)
-        await pipe.execute()

@@ -27,6 +27,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from metering.db import queries
 from metering.errors import ServiceUnavailable
 
 COUNTER_TTL_DAYS = 3
@@ -120,14 +121,7 @@ class UsageCounters:
         """Re-derive recent counters from PostgreSQL (``days`` UTC days up to
         ``today``, and any later ones); return how many were written."""
         since = (today or datetime.now(UTC).date()) - timedelta(days=days - 1)
-        rows = await conn.fetch(
-            """
-            SELECT user_id, date, request_count, units,
-                   client_error_count + server_error_count AS errors, throttled_count
-            FROM daily_usage WHERE date >= $1
-            """,
-            since,
-        )
+        rows = await conn.fetch(queries.get("daily_totals_since"), since)
         totals = [DailyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
         for chunk in _chunks(totals, 1000):
             await self.publish(chunk)

@@ -8,19 +8,10 @@ from uuid import UUID
 
 import asyncpg
 
+from metering.db.queries import get
 from metering.usage.counters import UsageCounters
 
-DAILY_USAGE = """
-SELECT d.date, d.user_id, u.email, t.name AS tier, d.request_count, d.units,
-       d.client_error_count, d.server_error_count, d.throttled_count,
-       d.total_response_time_ms / NULLIF(d.request_count, 0) AS avg_ms,
-       t.daily_quota
-FROM daily_usage d
-LEFT JOIN users u ON u.id = d.user_id
-LEFT JOIN access_tiers t ON t.id = u.tier_id
-WHERE d.date >= $1 AND ($2::uuid IS NULL OR d.user_id = $2)
-ORDER BY d.date DESC, d.request_count DESC
-"""
+DAILY_USAGE = get("daily_usage_report")
 
 
 @dataclass(frozen=True, slots=True)

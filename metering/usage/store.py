@@ -27,6 +27,7 @@ import asyncpg
 
 from metering.db.connect import RowDataError
 from metering.db.partitions import month_partition
+from metering.db.queries import get
 from metering.events import UsageEvent
 from metering.usage.counters import DailyTotal
 
@@ -45,78 +46,13 @@ STAGE_COLUMNS = (
     "schema_version",
 )
 
-CREATE_STAGE = """
-CREATE TEMP TABLE IF NOT EXISTS usage_stage (
-    event_id uuid, created_at timestamptz, user_id uuid, api_key_id uuid,
-    endpoint text, method text, status_code smallint, response_time_ms double precision,
-    client_ip text, bytes_out bigint, units integer, schema_version smallint
-) ON COMMIT DELETE ROWS
-"""
+CREATE_STAGE = get("create_usage_stage")
 
-# Data-modifying CTEs: all run once, in one snapshot, in one statement.
-# Aggregates are ordered so concurrent writers lock daily_usage rows in the
-# same order (no deadlocks during a rebalance overlap).
-INSERT_AND_AGGREGATE = """
-WITH inserted AS (
-    INSERT INTO usage_logs (event_id, created_at, user_id, api_key_id, endpoint, method,
-                            status_code, response_time_ms, client_ip, bytes_out, units,
-                            schema_version)
-    SELECT event_id, created_at, user_id, api_key_id, endpoint, method,
-           status_code, response_time_ms, client_ip::inet, bytes_out, units, schema_version
-    FROM usage_stage
-    ON CONFLICT DO NOTHING
-    RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units
-), per_day AS (
-    SELECT user_id,
-           (created_at AT TIME ZONE 'UTC')::date AS date,
-           count(*) AS request_count,
-           sum(units) AS units,
-           count(*) FILTER (WHERE status_code BETWEEN 400 AND 499) AS client_errors,
-           count(*) FILTER (WHERE status_code >= 500) AS server_errors,
-           count(*) FILTER (WHERE status_code = 429) AS throttled,
-           sum(response_time_ms) AS response_time_ms,
-           coalesce(sum(bytes_out), 0) AS bytes_out
-    FROM inserted
-    WHERE user_id IS NOT NULL
-    GROUP BY 1, 2
-    ORDER BY 1, 2
-), upserted AS (
-    INSERT INTO daily_usage AS d (user_id, date, request_count, units, client_error_count,
-                                  server_error_count, throttled_count, total_response_time_ms,
-                                  bytes_out)
-    SELECT user_id, date, request_count, units, client_errors, server_errors, throttled,
-           response_time_ms, bytes_out
-    FROM per_day
-    ON CONFLICT (user_id, date) DO UPDATE SET
-        request_count          = d.request_count + EXCLUDED.request_count,
-        units                  = d.units + EXCLUDED.units,
-        client_error_count     = d.client_error_count + EXCLUDED.client_error_count,
-        server_error_count     = d.server_error_count + EXCLUDED.server_error_count,
-        throttled_count        = d.throttled_count + EXCLUDED.throttled_count,
-        total_response_time_ms = d.total_response_time_ms + EXCLUDED.total_response_time_ms,
-        bytes_out              = d.bytes_out + EXCLUDED.bytes_out,
-        updated_at             = now()
-    RETURNING d.user_id, d.date, d.request_count, d.units,
-              d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
-)
-SELECT (SELECT count(*) FROM inserted) AS inserted,
-       coalesce((SELECT array_agg(u.user_id) FROM upserted u), '{}') AS user_ids,
-       coalesce((SELECT array_agg(u.date) FROM upserted u), '{}') AS dates,
-       coalesce((SELECT array_agg(u.request_count) FROM upserted u), '{}') AS requests,
-       coalesce((SELECT array_agg(u.units) FROM upserted u), '{}') AS units,
-       coalesce((SELECT array_agg(u.errors) FROM upserted u), '{}') AS errors,
-       coalesce((SELECT array_agg(u.throttled) FROM upserted u), '{}') AS throttled
-"""
+INSERT_AND_AGGREGATE = get("insert_and_aggregate")
 
 
-# Totals of (user, day) pairs the batch touched but did not change (all its
-# events there were duplicates).
-TOTALS_OF = """
-SELECT d.user_id, d.date, d.request_count, d.units,
-       d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
-FROM unnest($1::uuid[], $2::date[]) AS t(user_id, date)
-JOIN daily_usage d ON d.user_id = t.user_id AND d.date = t.date
-"""
+TOTALS_OF = get("totals_of")
+ENSURE_MONTH_PARTITION = get("ensure_month_partition")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +149,5 @@ class UsageWriter:
         for month, ts in months.items():
             if month in self._known_months:
                 continue
-            await self._conn.execute(
-                "SELECT ensure_usage_logs_partition($1)", month_partition(ts).start
-            )
+            await self._conn.execute(ENSURE_MONTH_PARTITION, month_partition(ts).start)
             self._known_months.add(month)

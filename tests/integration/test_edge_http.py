@@ -26,6 +26,7 @@ import uvicorn
 
 from examples.edge_app import create_app
 from metering import keys, metrics
+from metering.accounts import AccountsService, IdentityCache, KeyInfo, User
 from metering.accounts import store as accounts
 from metering.settings import Settings
 from metering.usage.counters import DailyTotal, UsageCounters
@@ -171,14 +172,20 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def make_user(db: asyncpg.Connection, tier: str = "free") -> accounts.User:
+@pytest.fixture
+def service(db: asyncpg.Connection, redis_client: Any, edge_settings: Settings) -> AccountsService:
+    """The accounts service over the test database and the edges' cache."""
+    cache = IdentityCache(redis_client, prefix=edge_settings.redis_key_prefix)
+    return AccountsService(db, cache=cache, pepper=PEPPER.encode())
+
+
+async def make_user(db: asyncpg.Connection, tier: str = "free") -> User:
     return await accounts.create_user(db, email=f"{uuid.uuid4().hex[:8]}@example.com", tier=tier)
 
 
-async def make_key(
-    db: asyncpg.Connection, user: accounts.User, **kw: object
-) -> tuple[str, accounts.KeyInfo]:
-    new, info = await accounts.create_key(db, user=user.id, pepper=PEPPER.encode(), **kw)  # type: ignore[arg-type]
+async def make_key(db: asyncpg.Connection, user: User, **kw: object) -> tuple[str, KeyInfo]:
+    service = AccountsService(db, cache=None, pepper=PEPPER.encode())
+    new, info = await service.create_key(user=user.id, **kw)  # type: ignore[arg-type]
     ISSUED.append(new.plaintext)
     return new.plaintext, info
 
@@ -190,7 +197,7 @@ def hdr(key: str | None = None, ip: str | None = None, bearer: bool = False) -> 
     return h
 
 
-async def test_every_status_path(servers, client, db, edge_settings, redis_client):
+async def test_every_status_path(servers, client, db, edge_settings, redis_client, service):
     srv = await servers()
     user = await make_user(db, "free")  # 10/min, 1000/day
     key, _info = await make_key(db, user, scopes=["items:read"])
@@ -212,7 +219,7 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     ISSUED.append(unknown)
     bad_checksum = key[:-1] + ("A" if key[-1] != "A" else "B")
     revoked_key, revoked = await make_key(db, user)
-    await accounts.revoke_key(db, revoked.prefix, reason="test")
+    await service.revoke_key(revoked.prefix, reason="test")
     expired_key, expired = await make_key(
         db, user, expires_at=datetime.now(UTC) + timedelta(hours=1)
     )
@@ -288,29 +295,26 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     assert anon == [200, 200, 200, 429]
 
 
-async def test_rotation_grace_then_old_key_stops(servers, client, db, redis_client):
+async def test_rotation_grace_then_old_key_stops(servers, client, db, service, redis_client):
     srv = await servers()
     user = await make_user(db, "pro")
     old_key, old = await make_key(db, user, scopes=["items:read"])
     ip = next_ip()
     assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(old_key, ip))).status_code == 200
-    new, info, old_after = await accounts.rotate_key(
-        db, old.prefix, grace=timedelta(minutes=10), pepper=PEPPER.encode()
-    )
+    new, info, old_after = await service.rotate_key(old.prefix, grace=timedelta(minutes=10))
     ISSUED.append(new.plaintext)
     assert info.scopes == ["items:read"] and info.rotated_from == old.id
     assert old_after.status == "rotating"
-    from metering.edge.guard import refresh
-
-    await refresh(redis_client, db, [old.key_hash], prefix=srv.guard._prefix)
     for k in (old_key, new.plaintext):  # both work during the grace period
         assert (await client.get(f"{srv.url}/v1/items/1", headers=hdr(k, ip))).status_code == 200
     # The grace period ends (moved into the past rather than slept through):
     # the edge's cached entry carries rotates_at, so the old key stops by itself.
     await db.execute(
-        "UPDATE api_keys SET rotates_at = now() - interval '1 second' WHERE id = $1", old.id
+        "UPDATE api_keys SET rotates_at = now() - interval '1 second', "
+        "version = nextval('api_key_versions') WHERE id = $1",
+        old.id,
     )
-    await refresh(redis_client, db, [old.key_hash], prefix=srv.guard._prefix)
+    await IdentityCache(redis_client, prefix=srv.guard._prefix).refresh(db, [old.key_hash])
 
     async def old_key_refused() -> bool:
         r = await client.get(f"{srv.url}/v1/items/1", headers=hdr(old_key, ip))

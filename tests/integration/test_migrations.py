@@ -34,6 +34,7 @@ MIGRATIONS = [
     (3, "edge"),
     (4, "throttled"),
     (5, "pipeline_hardening"),
+    (6, "key_versions"),
 ]
 
 

@@ -1,0 +1,139 @@
+-- Tiers, users and API keys: the queries of metering.accounts.store.
+-- Every change to a key's verdict at the edge sets its version from the
+-- api_key_versions sequence (migration 0006); the edge cache compares it.
+
+-- name: list_tiers
+-- Every tier, oldest first.
+SELECT id, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode, features
+FROM access_tiers
+ORDER BY id;
+
+-- name: create_tier
+-- A new tier ($1 name, $2 daily quota or NULL, $3 per minute, $4 price, $5 limits mode).
+INSERT INTO access_tiers (name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode, features;
+
+-- name: set_tier_limits_mode
+-- enforce or shadow for a whole tier ($1 name, $2 mode).
+UPDATE access_tiers SET limits_mode = $2 WHERE name = $1;
+
+-- name: tier_id
+-- A tier's id by name.
+SELECT id FROM access_tiers WHERE name = $1;
+
+-- name: create_user
+-- A new user ($1 email, $2 name, $3 tier id); returns the id.
+INSERT INTO users (email, name, tier_id) VALUES ($1, $2, $3) RETURNING id;
+
+-- name: user_by_id
+SELECT u.id, u.email, u.name, t.name AS tier, u.status, u.created_at
+FROM users u JOIN access_tiers t ON t.id = u.tier_id
+WHERE u.id = $1;
+
+-- name: user_by_email
+-- E-mail addresses compare case-insensitively (users_email_key is on lower(email)).
+SELECT u.id, u.email, u.name, t.name AS tier, u.status, u.created_at
+FROM users u JOIN access_tiers t ON t.id = u.tier_id
+WHERE lower(u.email) = lower($1);
+
+-- name: list_users
+SELECT u.id, u.email, u.name, t.name AS tier, u.status, u.created_at
+FROM users u JOIN access_tiers t ON t.id = u.tier_id
+ORDER BY u.created_at;
+
+-- name: lock_user
+-- Serialises changes to one user (tier, status) inside their transaction.
+SELECT id FROM users WHERE id = $1 FOR UPDATE;
+
+-- name: set_user_tier
+UPDATE users SET tier_id = $2, updated_at = now() WHERE id = $1;
+
+-- name: set_user_status
+UPDATE users SET status = $2, updated_at = now() WHERE id = $1;
+
+-- name: bump_user_keys
+-- A user-wide change (tier, status) changes every cached identity of theirs:
+-- new versions for the keys an edge may hold, returned with their hashes.
+UPDATE api_keys SET version = nextval('api_key_versions')
+WHERE user_id = $1 AND status IN ('active', 'rotating')
+RETURNING key_hash, version;
+
+-- name: insert_key
+-- A new key; only its hash is stored.
+INSERT INTO api_keys (user_id, name, prefix, key_hash, environment, scopes, ip_allowlist,
+                      expires_at, limits_mode, rotated_from)
+VALUES ($1, $2, $3, $4, $5, $6, $7::cidr[], $8, $9, $10)
+RETURNING id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
+          status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
+          key_hash;
+
+-- name: key_by_id
+SELECT id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
+       status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
+       key_hash
+FROM api_keys
+WHERE id = $1;
+
+-- name: key_by_prefix
+SELECT id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
+       status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
+       key_hash
+FROM api_keys
+WHERE prefix = $1;
+
+-- name: list_keys
+-- A user's keys ($1, or everyone's when NULL); deleted ones only when $2.
+SELECT id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
+       status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
+       key_hash
+FROM api_keys
+WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2 OR status <> 'deleted')
+ORDER BY created_at;
+
+-- name: lock_key
+-- The key's status, locked until the transaction ends.
+SELECT status FROM api_keys WHERE id = $1 FOR UPDATE;
+
+-- name: mark_rotating
+-- The old key of a rotation works until now + $2.
+UPDATE api_keys
+SET status = 'rotating', rotates_at = now() + $2, version = nextval('api_key_versions')
+WHERE id = $1
+RETURNING key_hash, version;
+
+-- name: revoke_key
+UPDATE api_keys
+SET status = 'revoked', revoked_at = now(), revocation_reason = $2,
+    version = nextval('api_key_versions')
+WHERE id = $1
+RETURNING key_hash, version;
+
+-- name: delete_key
+-- Soft delete: the row stays for the audit trail and the usage history.
+UPDATE api_keys
+SET status = 'deleted', deleted_at = now(), version = nextval('api_key_versions')
+WHERE id = $1
+RETURNING key_hash, version;
+
+-- name: audit_key_event
+-- One row of a key's history ($1 key id, $2 action, $3 detail as JSON).
+INSERT INTO api_key_events (api_key_id, action, detail) VALUES ($1, $2, $3::jsonb);
+
+-- name: lookup_identity
+-- What the edge needs to decide on a request, by key hash (the UNIQUE index).
+-- Unusable keys are returned too: their version orders the cache's entries.
+SELECT k.id, k.user_id, k.prefix, k.status, k.version, k.expires_at, k.rotates_at, k.scopes,
+       k.ip_allowlist::text[] AS ip_allowlist,
+       coalesce(k.limits_mode, t.limits_mode) AS limits_mode,
+       u.status AS user_status, t.name AS tier, t.daily_quota, t.rate_limit_per_minute
+FROM api_keys k
+JOIN users u ON u.id = k.user_id
+JOIN access_tiers t ON t.id = u.tier_id
+WHERE k.key_hash = $1;
+
+-- name: touch_last_used
+-- One UPDATE for many keys ($1 ids, $2 times): last_used_at only moves forward.
+UPDATE api_keys k SET last_used_at = greatest(coalesce(k.last_used_at, v.ts), v.ts)
+FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, ts)
+WHERE k.id = v.id;

@@ -1,0 +1,95 @@
+-- The usage pipeline's and the usage report's queries (metering.usage).
+
+-- name: create_usage_stage
+-- The session's staging table: a batch is COPYed here, then inserted and
+-- aggregated by insert_and_aggregate in the same transaction.
+CREATE TEMP TABLE IF NOT EXISTS usage_stage (
+    event_id uuid, created_at timestamptz, user_id uuid, api_key_id uuid,
+    endpoint text, method text, status_code smallint, response_time_ms double precision,
+    client_ip text, bytes_out bigint, units integer, schema_version smallint
+) ON COMMIT DELETE ROWS;
+
+-- name: insert_and_aggregate
+-- Data-modifying CTEs: all run once, in one snapshot, in one statement.
+-- Aggregates are ordered so concurrent writers lock daily_usage rows in the
+-- same order (no deadlocks during a rebalance overlap).
+WITH inserted AS (
+    INSERT INTO usage_logs (event_id, created_at, user_id, api_key_id, endpoint, method,
+                            status_code, response_time_ms, client_ip, bytes_out, units,
+                            schema_version)
+    SELECT event_id, created_at, user_id, api_key_id, endpoint, method,
+           status_code, response_time_ms, client_ip::inet, bytes_out, units, schema_version
+    FROM usage_stage
+    ON CONFLICT DO NOTHING
+    RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units
+), per_day AS (
+    SELECT user_id,
+           (created_at AT TIME ZONE 'UTC')::date AS date,
+           count(*) AS request_count,
+           sum(units) AS units,
+           count(*) FILTER (WHERE status_code BETWEEN 400 AND 499) AS client_errors,
+           count(*) FILTER (WHERE status_code >= 500) AS server_errors,
+           count(*) FILTER (WHERE status_code = 429) AS throttled,
+           sum(response_time_ms) AS response_time_ms,
+           coalesce(sum(bytes_out), 0) AS bytes_out
+    FROM inserted
+    WHERE user_id IS NOT NULL
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+), upserted AS (
+    INSERT INTO daily_usage AS d (user_id, date, request_count, units, client_error_count,
+                                  server_error_count, throttled_count, total_response_time_ms,
+                                  bytes_out)
+    SELECT user_id, date, request_count, units, client_errors, server_errors, throttled,
+           response_time_ms, bytes_out
+    FROM per_day
+    ON CONFLICT (user_id, date) DO UPDATE SET
+        request_count          = d.request_count + EXCLUDED.request_count,
+        units                  = d.units + EXCLUDED.units,
+        client_error_count     = d.client_error_count + EXCLUDED.client_error_count,
+        server_error_count     = d.server_error_count + EXCLUDED.server_error_count,
+        throttled_count        = d.throttled_count + EXCLUDED.throttled_count,
+        total_response_time_ms = d.total_response_time_ms + EXCLUDED.total_response_time_ms,
+        bytes_out              = d.bytes_out + EXCLUDED.bytes_out,
+        updated_at             = now()
+    RETURNING d.user_id, d.date, d.request_count, d.units,
+              d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
+)
+SELECT (SELECT count(*) FROM inserted) AS inserted,
+       coalesce((SELECT array_agg(u.user_id) FROM upserted u), '{}') AS user_ids,
+       coalesce((SELECT array_agg(u.date) FROM upserted u), '{}') AS dates,
+       coalesce((SELECT array_agg(u.request_count) FROM upserted u), '{}') AS requests,
+       coalesce((SELECT array_agg(u.units) FROM upserted u), '{}') AS units,
+       coalesce((SELECT array_agg(u.errors) FROM upserted u), '{}') AS errors,
+       coalesce((SELECT array_agg(u.throttled) FROM upserted u), '{}') AS throttled;
+
+-- name: totals_of
+-- Totals of (user, day) pairs a batch touched but did not change (all its
+-- events there were duplicates): $1 user ids, $2 dates.
+SELECT d.user_id, d.date, d.request_count, d.units,
+       d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
+FROM unnest($1::uuid[], $2::date[]) AS t(user_id, date)
+JOIN daily_usage d ON d.user_id = t.user_id AND d.date = t.date;
+
+-- name: ensure_month_partition
+-- The usage_logs partition of the month that starts at $1 (race-safe, 0005).
+SELECT ensure_usage_logs_partition($1);
+
+-- name: daily_totals_since
+-- Every user's daily totals from $1 on (to rebuild the Redis counters).
+SELECT user_id, date, request_count, units,
+       client_error_count + server_error_count AS errors, throttled_count
+FROM daily_usage
+WHERE date >= $1;
+
+-- name: daily_usage_report
+-- `metering usage`: daily rows from $1 on, of one user ($2) or all (NULL).
+SELECT d.date, d.user_id, u.email, t.name AS tier, d.request_count, d.units,
+       d.client_error_count, d.server_error_count, d.throttled_count,
+       d.total_response_time_ms / NULLIF(d.request_count, 0) AS avg_ms,
+       t.daily_quota
+FROM daily_usage d
+LEFT JOIN users u ON u.id = d.user_id
+LEFT JOIN access_tiers t ON t.id = u.tier_id
+WHERE d.date >= $1 AND ($2::uuid IS NULL OR d.user_id = $2)
+ORDER BY d.date DESC, d.request_count DESC;

@@ -1,0 +1,28 @@
+-- The edge's identity cache, written in version order.
+-- KEYS[1] the entry (identity JSON, or "-" for a key that does not work)
+-- KEYS[2] the highest version written for that key hash
+-- ARGV[1] fill | set | invalidate
+--   fill: an edge's cache miss; only when the entry is absent
+--   set: a lifecycle change's refresh, after its commit
+--   invalidate: before a lifecycle change commits; deletes the entry and
+--               raises the version so a fill from a read older than the
+--               commit is refused (the edge answers 503, retry, meanwhile)
+-- ARGV[2] version (from api_keys.version; 0 for a hash with no key)
+-- ARGV[3] value, ARGV[4] its TTL in seconds, ARGV[5] the version's TTL
+-- Returns 1 when written, 0 when refused (an older version, or fill over an entry).
+local known = tonumber(redis.call('GET', KEYS[2]) or '0')
+local version = tonumber(ARGV[2])
+if version < known then
+  return 0
+end
+if ARGV[1] == 'invalidate' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[1] == 'fill' and redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', tonumber(ARGV[4]))
+end
+if version > known or redis.call('TTL', KEYS[2]) < tonumber(ARGV[5]) then
+  redis.call('SET', KEYS[2], version, 'EX', tonumber(ARGV[5]))
+end
+return 1
