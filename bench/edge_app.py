@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from metering.edge.middleware import MeteringEdge, MeteringMiddleware
+from metering.edge import MeteringEdge, MeteringMiddleware
 from metering.settings import Settings
 
 

@@ -18,13 +18,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from metering import metrics
-from metering.accounts.store import Identity
-from metering.edge.middleware import (
-    MeteringEdge,
-    MeteringMiddleware,
-    current_identity,
-    require_scopes,
-)
+from metering.accounts import Identity
+from metering.edge import MeteringEdge, MeteringMiddleware, current_identity, require_scopes
 from metering.settings import Settings
 
 

@@ -622,7 +622,7 @@ def small_app(
 
     from fastapi import FastAPI
 
-    from metering.edge.middleware import MeteringEdge, MeteringMiddleware
+    from metering.edge import MeteringEdge, MeteringMiddleware
 
     edge = MeteringEdge(settings, clock=clock)
 
