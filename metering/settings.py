@@ -59,6 +59,11 @@ class Settings:
     producer_linger_ms: int = 100  # edge events gather this long: one produce request each
     producer_buffer: int = 100_000  # events held while Kafka is away, then dropped (counted)
 
+    # local stack (`metering stack`, dev tooling only)
+    stack_dir: str = ""  # pid files, logs, Kafka's jars and data; "" = <repository>/.stack
+    kafka_heap: str = "-Xms256m -Xmx512m"
+    kafka_controller_port: int = 0  # 0 = the Kafka port + 1
+
     # event policy
     max_future_skew_s: int = 300
     retention_days: int = 90
@@ -196,6 +201,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trusted_proxies": (_cidrs, "comma-separated CIDRs (e.g. 10.0.0.0/8,192.0.2.7)"),
     "producer_linger_ms": _between(0, 5_000),
     "producer_buffer": _between(1, 10_000_000),
+    "stack_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
+    "kafka_heap": (
+        (lambda v: all(p.startswith("-X") for p in v.split())),
+        "JVM heap options such as -Xms256m -Xmx512m",
+    ),
+    "kafka_controller_port": ((lambda v: v == 0 or 1 <= v <= 65_535), "0 or a port 1-65535"),
     "max_future_skew_s": _between(0, 86_400),
     "retention_days": _between(1, 3_650),
     "partitions_ahead_months": _between(0, 24),

@@ -115,3 +115,20 @@ async def connect(
         raise ServiceUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
     _set_keepalive(conn)
     return conn
+
+
+def refusal_cause(exc: BaseException) -> tuple[object, ...]:
+    """What a refusal blames: the same tuple for every row means the schema."""
+    return (
+        type(exc).__name__,
+        getattr(exc, "sqlstate", None),
+        getattr(exc, "table_name", None),
+        getattr(exc, "column_name", None),
+        getattr(exc, "constraint_name", None),
+    )
+
+
+def describe(exc: BaseException) -> str:
+    state = getattr(exc, "sqlstate", None)
+    text = str(exc) or type(exc).__name__
+    return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"

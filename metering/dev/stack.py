@@ -5,31 +5,25 @@ configured port is reused; a missing one is installed (Debian packages for
 PostgreSQL and Redis, Kafka jars resolved by Maven into ``.stack/kafka/libs``)
 and started. Ports come from the ``METERING_*`` URLs (settings.py).
 
-State lives in ``.stack/`` at the repository root (ignored by git):
+State lives in ``.stack/`` at the repository root (ignored by git; set
+``METERING_STACK_DIR`` to move it):
 ``kafka/libs`` (jars), ``kafka/data`` (log dirs), ``*.log`` and ``*.pid``.
 This is developer and CI tooling; production runs its own services.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from metering.dev.kafka import kafka_down, kafka_up
+from metering.dev.processes import ROOT, apt_install, log, port_open, run, stop_pidfile, wait
 from metering.errors import StackError
 from metering.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
-STACK_FILES = ROOT / "stack"
-STATE = Path(os.environ.get("METERING_STACK_DIR", ROOT / ".stack"))
-KAFKA_HEAP = os.environ.get("METERING_KAFKA_HEAP", "-Xms256m -Xmx512m")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +38,8 @@ class Endpoints:
     pg_database: str
     redis_host: str
     redis_port: int
+    state: Path  # pid files, logs, Kafka's jars and data
+    kafka_heap: str
 
     @classmethod
     def from_settings(cls, s: Settings) -> Endpoints:
@@ -55,7 +51,7 @@ class Endpoints:
         return cls(
             kafka_host=k_host or "127.0.0.1",
             kafka_port=kafka_port,
-            controller_port=int(os.environ.get("METERING_KAFKA_CONTROLLER_PORT", kafka_port + 1)),
+            controller_port=s.kafka_controller_port or kafka_port + 1,
             pg_host=pg.hostname or "127.0.0.1",
             pg_port=pg.port or 5432,
             pg_user=pg.username or "metering",
@@ -63,77 +59,20 @@ class Endpoints:
             pg_database=(pg.path or "/metering").lstrip("/") or "metering",
             redis_host=rd.hostname or "127.0.0.1",
             redis_port=rd.port or 6379,
+            state=Path(s.stack_dir) if s.stack_dir else ROOT / ".stack",
+            kafka_heap=s.kafka_heap,
         )
-
-
-def _log(msg: str) -> None:
-    print(f"[stack] {msg}", flush=True)
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _run(cmd: list[str], *, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
-    except subprocess.CalledProcessError as exc:
-        raise StackError(
-            f"{' '.join(cmd)} failed ({exc.returncode}): {(exc.stderr or exc.stdout).strip()[-2000:]}"
-        ) from None
-    except FileNotFoundError:
-        raise StackError(f"{cmd[0]} not found") from None
-
-
-def _wait(what: str, check: object, timeout: float, log_file: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.3)
-    tail = ""
-    if log_file is not None and log_file.exists():
-        tail = (
-            "\n--- last lines of "
-            + str(log_file)
-            + " ---\n"
-            + "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
-        )
-    raise StackError(f"{what} did not become ready within {timeout:.0f}s{tail}")
-
-
-_apt_updated = False
-
-
-def _apt_install(*packages: str) -> None:
-    global _apt_updated
-    if os.geteuid() != 0:
-        raise StackError(f"{', '.join(packages)} missing and not root: install them with apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if not _apt_updated:
-        _log("apt-get update")
-        _run(["apt-get", "update", "-qq"], env=env)
-        _apt_updated = True
-    _log(f"apt-get install {' '.join(packages)}")
-    _run(["apt-get", "install", "-y", "-qq", *packages], env=env)
-
-
-# -- Redis -------------------------------------------------------------------
 
 
 def redis_up(ep: Endpoints) -> None:
     if port_open(ep.redis_host, ep.redis_port):
-        _log(f"redis: reusing {ep.redis_host}:{ep.redis_port}")
+        log(f"redis: reusing {ep.redis_host}:{ep.redis_port}")
         return
     if shutil.which("redis-server") is None:
-        _apt_install("redis-server")
-    STATE.mkdir(parents=True, exist_ok=True)
-    _log(f"redis: starting on {ep.redis_host}:{ep.redis_port}")
-    _run(
+        apt_install("redis-server")
+    ep.state.mkdir(parents=True, exist_ok=True)
+    log(f"redis: starting on {ep.redis_host}:{ep.redis_port}")
+    run(
         [
             "redis-server",
             "--bind",
@@ -147,18 +86,18 @@ def redis_up(ep: Endpoints) -> None:
             "--daemonize",
             "yes",
             "--pidfile",
-            str(STATE / "redis.pid"),
+            str(ep.state / "redis.pid"),
             "--logfile",
-            str(STATE / "redis.log"),
+            str(ep.state / "redis.log"),
             "--dir",
-            str(STATE),
+            str(ep.state),
         ]
     )
-    _wait("redis", lambda: port_open(ep.redis_host, ep.redis_port), 20, STATE / "redis.log")
+    wait("redis", lambda: port_open(ep.redis_host, ep.redis_port), 20, ep.state / "redis.log")
 
 
 def redis_down(ep: Endpoints) -> None:
-    _stop_pidfile("redis", STATE / "redis.pid")
+    stop_pidfile("redis", ep.state / "redis.pid")
 
 
 # -- PostgreSQL --------------------------------------------------------------
@@ -180,7 +119,7 @@ def _pg_server_installed() -> bool:
 
 
 def _clusters() -> list[dict[str, str]]:
-    out = _run(["pg_lsclusters", "--no-header"]).stdout
+    out = run(["pg_lsclusters", "--no-header"]).stdout
     rows = []
     for line in out.splitlines():
         parts = line.split()
@@ -192,7 +131,7 @@ def _clusters() -> list[dict[str, str]]:
 
 
 def _as_postgres(sql: str, ep: Endpoints, db: str = "postgres") -> str:
-    return _run(
+    return run(
         [
             "runuser",
             "-u",
@@ -218,20 +157,20 @@ def _as_postgres(sql: str, ep: Endpoints, db: str = "postgres") -> str:
 
 def postgres_up(ep: Endpoints) -> None:
     if port_open(ep.pg_host, ep.pg_port):
-        _log(f"postgres: server on {ep.pg_host}:{ep.pg_port} is up")
+        log(f"postgres: server on {ep.pg_host}:{ep.pg_port} is up")
     else:
         if shutil.which("pg_lsclusters") is None or not _pg_server_installed():
-            _apt_install("postgresql")
+            apt_install("postgresql")
         version, _ = _pg_bin()
         cluster = next((c for c in _clusters() if int(c["port"]) == ep.pg_port), None)
         if cluster is None:
-            _log(f"postgres: creating cluster {version}/metering on port {ep.pg_port}")
-            _run(["pg_createcluster", version, "metering", "-p", str(ep.pg_port)])
+            log(f"postgres: creating cluster {version}/metering on port {ep.pg_port}")
+            run(["pg_createcluster", version, "metering", "-p", str(ep.pg_port)])
             cluster = {"version": version, "name": "metering", "port": str(ep.pg_port)}
-        _log(f"postgres: starting cluster {cluster['version']}/{cluster['name']}")
-        _run(["pg_ctlcluster", cluster["version"], cluster["name"], "start"], check=False)
-        log = Path(f"/var/log/postgresql/postgresql-{cluster['version']}-{cluster['name']}.log")
-        _wait("postgres", lambda: port_open(ep.pg_host, ep.pg_port), 60, log)
+        log(f"postgres: starting cluster {cluster['version']}/{cluster['name']}")
+        run(["pg_ctlcluster", cluster["version"], cluster["name"], "start"], check=False)
+        pg_log = Path(f"/var/log/postgresql/postgresql-{cluster['version']}-{cluster['name']}.log")
+        wait("postgres", lambda: port_open(ep.pg_host, ep.pg_port), 60, pg_log)
     if not _can_login(ep):
         _provision_role(ep)
 
@@ -268,7 +207,7 @@ def _provision_role(ep: Endpoints) -> None:
             f"cannot log in to PostgreSQL as {ep.pg_user}@{ep.pg_database}; create the role "
             "and database, or set METERING_DATABASE_URL"
         )
-    _log(f"postgres: creating role {ep.pg_user} and database {ep.pg_database}")
+    log(f"postgres: creating role {ep.pg_user} and database {ep.pg_database}")
     ident = ep.pg_user.replace('"', '""')
     pw = ep.pg_password.replace("'", "''")
     exists = _as_postgres(f"SELECT 1 FROM pg_roles WHERE rolname = '{ep.pg_user}'", ep)
@@ -286,184 +225,11 @@ def _provision_role(ep: Endpoints) -> None:
 def postgres_down(ep: Endpoints) -> None:
     for c in _clusters():
         if int(c["port"]) == ep.pg_port and c["status"] == "online":
-            _log(f"postgres: stopping cluster {c['version']}/{c['name']}")
-            _run(["pg_ctlcluster", c["version"], c["name"], "stop"], check=False)
+            log(f"postgres: stopping cluster {c['version']}/{c['name']}")
+            run(["pg_ctlcluster", c["version"], c["name"], "stop"], check=False)
 
 
 # -- Kafka -------------------------------------------------------------------
-
-KAFKA_DIR = STATE / "kafka"
-LIBS = KAFKA_DIR / "libs"
-
-
-def _kafka_jars() -> None:
-    marker = LIBS / ".complete"
-    pom = STACK_FILES / "kafka-pom.xml"
-    if marker.exists() and marker.read_text() == pom.read_text():
-        return
-    if shutil.which("mvn") is None:
-        raise StackError("mvn not found: Maven is needed to fetch the Kafka jars")
-    _log("kafka: resolving broker jars from Maven Central (first run only)")
-    if LIBS.exists():
-        shutil.rmtree(LIBS)
-    LIBS.mkdir(parents=True)
-    _run(
-        [
-            "mvn",
-            "-q",
-            "-B",
-            "-f",
-            str(pom),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={LIBS}",
-            "-DincludeScope=runtime",
-        ]
-    )
-    marker.write_text(pom.read_text())
-
-
-def _java() -> str:
-    java = shutil.which("java")
-    if java is None:
-        raise StackError("java not found: Java 17 is needed to run the Kafka broker")
-    return java
-
-
-def _kafka_config(ep: Endpoints) -> Path:
-    data = KAFKA_DIR / "data"
-    template = (STACK_FILES / "server.properties").read_text()
-    text = template.format(
-        host=ep.kafka_host, port=ep.kafka_port, controller_port=ep.controller_port, data=data
-    )
-    path = KAFKA_DIR / "server.properties"
-    path.write_text(text)
-    return path
-
-
-def kafka_up(ep: Endpoints) -> None:
-    if port_open(ep.kafka_host, ep.kafka_port):
-        _log(f"kafka: reusing {ep.kafka_host}:{ep.kafka_port}")
-    else:
-        _kafka_jars()
-        java = _java()
-        config = _kafka_config(ep)
-        cp = str(LIBS / "*")
-        data = KAFKA_DIR / "data"
-        if not (data / "meta.properties").exists():
-            cluster_id = _run(
-                [java, "-cp", cp, "kafka.tools.StorageTool", "random-uuid"]
-            ).stdout.strip()
-            _log(f"kafka: formatting storage (cluster {cluster_id})")
-            _run(
-                [
-                    java,
-                    "-cp",
-                    cp,
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "--standalone",
-                    "-t",
-                    cluster_id,
-                    "-c",
-                    str(config),
-                ]
-            )
-        log_file = KAFKA_DIR / "kafka.log"
-        _log(f"kafka: starting broker on {ep.kafka_host}:{ep.kafka_port}")
-        with log_file.open("ab") as out:
-            proc = subprocess.Popen(
-                [
-                    java,
-                    *KAFKA_HEAP.split(),
-                    "-XX:+UseG1GC",
-                    "-XX:MaxGCPauseMillis=20",
-                    "-Djava.awt.headless=true",
-                    f"-Dlog4j2.configurationFile={STACK_FILES / 'log4j2.properties'}",
-                    f"-Dkafka.logs.dir={KAFKA_DIR}",
-                    "-cp",
-                    cp,
-                    "kafka.Kafka",
-                    str(config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        (KAFKA_DIR / "kafka.pid").write_text(str(proc.pid))
-
-        def alive_and_listening() -> bool:
-            if proc.poll() is not None:
-                raise StackError(
-                    f"kafka exited with {proc.returncode}; see {log_file}:\n"
-                    + "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
-                )
-            return port_open(ep.kafka_host, ep.kafka_port)
-
-        _wait("kafka", alive_and_listening, 90, log_file)
-    _kafka_client_ready(ep)
-
-
-def _kafka_client_ready(ep: Endpoints, timeout: float = 60) -> None:
-    """Ready means a client can create (and see) a topic."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-
-    async def probe() -> None:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=f"{ep.kafka_host}:{ep.kafka_port}", request_timeout_ms=5000
-        )
-        await admin.start()
-        try:
-            try:
-                await admin.create_topics([NewTopic("metering.dev.stack.probe", 1, 1)])
-            except TopicAlreadyExistsError:
-                pass
-            if "metering.dev.stack.probe" not in await admin.list_topics():
-                raise StackError("probe topic not visible yet")
-        finally:
-            await admin.close()
-
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            asyncio.run(probe())
-            _log("kafka: ready (a client created a topic)")
-            return
-        except (KafkaError, StackError, OSError) as exc:
-            last = exc
-            time.sleep(1)
-    raise StackError(f"kafka is listening but not serving clients: {last}")
-
-
-def kafka_down(ep: Endpoints) -> None:
-    _stop_pidfile("kafka", KAFKA_DIR / "kafka.pid", timeout=30)
-
-
-def _stop_pidfile(name: str, pidfile: Path, timeout: float = 10) -> None:
-    if not pidfile.exists():
-        _log(f"{name}: not started by this stack")
-        return
-    pid = int(pidfile.read_text().strip() or 0)
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pidfile.unlink(missing_ok=True)
-        _log(f"{name}: not running")
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        os.kill(pid, signal.SIGKILL)
-    pidfile.unlink(missing_ok=True)
-    _log(f"{name}: stopped")
-
 
 # -- entry points ------------------------------------------------------------
 
@@ -473,7 +239,7 @@ def up(settings: Settings) -> None:
     redis_up(ep)
     postgres_up(ep)
     kafka_up(ep)
-    _log("stack is up: " + status_line(settings))
+    log("stack is up: " + status_line(settings))
 
 
 def down(settings: Settings) -> None:

@@ -48,13 +48,13 @@ from typing import TypeVar
 
 import asyncpg
 
-from metering.db import connect, is_connection_error, is_row_fault
+from metering.db.connect import describe, is_connection_error, is_row_fault, refusal_cause
 from metering.db.migrate import maintain_partitions
 from metering.errors import InvalidEventError, ServiceUnavailable
 from metering.events import TimePolicy, UsageEvent, decode
 from metering.usage.counters import DailyTotal, UsageCounters
 from metering.usage.deadletters import DeadLetter, DeadLetterSink, RawRecord
-from metering.usage.store import UsageWriter, WriteResult
+from metering.usage.store import WriterConnection, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -97,43 +97,6 @@ class BatchResult:
     totals: list[DailyTotal]
 
 
-class _Connection:
-    """One PostgreSQL connection and its writer (the writer's temp table lives on it)."""
-
-    def __init__(self, dsn: str, command_timeout: float) -> None:
-        self._dsn = dsn
-        self._command_timeout = command_timeout
-        self.conn: asyncpg.Connection | None = None
-        self._writer: UsageWriter | None = None
-
-    async def writer(self) -> UsageWriter:
-        if self._writer is None or self.conn is None or self.conn.is_closed():
-            self.conn = await connect(
-                self._dsn,
-                timeout=min(10.0, self._command_timeout),
-                command_timeout=self._command_timeout,
-            )
-            self._writer = UsageWriter(self.conn)
-        return self._writer
-
-    def forget_partitions(self) -> None:
-        if self._writer is not None:
-            self._writer.forget_partitions()
-
-    def drop(self) -> None:
-        conn, self.conn, self._writer = self.conn, None, None
-        if conn is not None:
-            conn.terminate()
-
-    async def close(self) -> None:
-        conn, self.conn, self._writer = self.conn, None, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await conn.close(timeout=5)  # a silent server must not hold up shutdown
-            except Exception:
-                conn.terminate()
-
-
 class UsagePipeline:
     """Batches in, committed usage out. ``writers`` batches may be in flight at once,
     each on its own connection (the stream runs that many agent actors)."""
@@ -157,8 +120,10 @@ class UsagePipeline:
         self._retention_days = retention_days
         self._ahead = partitions_ahead_months
         self._max_backoff = max_backoff_s
-        self._slots = [_Connection(database_url, command_timeout_s) for _ in range(max(1, writers))]
-        self._idle: asyncio.Queue[_Connection] = asyncio.Queue()
+        self._slots = [
+            WriterConnection(database_url, command_timeout_s) for _ in range(max(1, writers))
+        ]
+        self._idle: asyncio.Queue[WriterConnection] = asyncio.Queue()
         for slot in self._slots:
             self._idle.put_nowait(slot)
         # Redis needs a rebuild while a failure is newer than the last rebuild
@@ -245,7 +210,7 @@ class UsagePipeline:
         )
 
     async def _write(
-        self, slot: _Connection, events: list[UsageEvent], sources: dict[int, RawRecord]
+        self, slot: WriterConnection, events: list[UsageEvent], sources: dict[int, RawRecord]
     ) -> tuple[WriteResult, list[DeadLetter]]:
         if not events:
             return WriteResult(0, 0, []), []
@@ -261,7 +226,7 @@ class UsagePipeline:
             log.warning(
                 "batch of %d rejected by PostgreSQL (%s); isolating the refused events",
                 len(events),
-                _describe(exc),
+                describe(exc),
             )
         return await self._retry(
             "PostgreSQL write (isolating refused events)",
@@ -270,7 +235,7 @@ class UsagePipeline:
 
     async def _isolate(
         self,
-        slot: _Connection,
+        slot: WriterConnection,
         write: Callable[[Sequence[UsageEvent]], Awaitable[WriteResult]],
         events: list[UsageEvent],
         sources: dict[int, RawRecord],
@@ -305,19 +270,19 @@ class UsagePipeline:
                 pending += [part[half:], part[:half]]
             else:
                 refused.append((part[0], exc))
-        causes = {_cause(exc) for _, exc in refused}
+        causes = {refusal_cause(exc) for _, exc in refused}
         if len(refused) == len(events) >= SYSTEMIC_REJECTION_MIN and len(causes) == 1:
             # Every event refused for the same reason: the schema, not the data
             # (valid events passed the contract). Pause instead of dead-lettering.
             raise SystemicRejection(
-                f"all {len(events)} events of the batch refused with {_describe(refused[0][1])}"
+                f"all {len(events)} events of the batch refused with {describe(refused[0][1])}"
             )
         # A refusal is confirmed by a second attempt before it costs an event
         # its place in billing: the schema may have been fixed during the pass.
         letters = []
         for e, _ in refused:
             if (exc := await refusal([e])) is not None:
-                letters.append(DeadLetter(sources[id(e)], "rejected_by_database", _describe(exc)))
+                letters.append(DeadLetter(sources[id(e)], "rejected_by_database", describe(exc)))
         written = len(events) - len(letters)
         return WriteResult(written, inserted, list(totals.values())), letters
 
@@ -345,7 +310,7 @@ class UsagePipeline:
                     if is_row_fault(exc) or self._stopped:
                         raise
                     self.stats.db_retries += 1
-                    self.stats.pause_reason = f"{what}: {_describe(exc)}"
+                    self.stats.pause_reason = f"{what}: {describe(exc)}"
                     if not paused:
                         paused = True
                         self._outages += 1
@@ -355,12 +320,12 @@ class UsagePipeline:
                         log.error(
                             "pipeline paused: %s failed (%s); retrying until it succeeds",
                             what,
-                            _describe(exc),
+                            describe(exc),
                             exc_info=not expected,
                         )
                     else:
                         log.warning(
-                            "%s failed again (%s); retrying in %.1fs", what, _describe(exc), delay
+                            "%s failed again (%s); retrying in %.1fs", what, describe(exc), delay
                         )
                     if on_failure is not None:
                         on_failure()
@@ -426,25 +391,8 @@ class UsagePipeline:
             if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)) or (
                 getattr(exc, "sqlstate", "") or ""
             ).startswith(("08", "57P")):
-                log.warning("reconcile skipped: %s", _describe(exc))
+                log.warning("reconcile skipped: %s", describe(exc))
             else:
                 log.exception("reconcile failed; trying again at the next interval")
         finally:
             self._idle.put_nowait(slot)
-
-
-def _cause(exc: BaseException) -> tuple[object, ...]:
-    """What a refusal blames: the same tuple for every row means the schema."""
-    return (
-        type(exc).__name__,
-        getattr(exc, "sqlstate", None),
-        getattr(exc, "table_name", None),
-        getattr(exc, "column_name", None),
-        getattr(exc, "constraint_name", None),
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    state = getattr(exc, "sqlstate", None)
-    text = str(exc) or type(exc).__name__
-    return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from metering.db.connect import RowDataError
+from metering.db.connect import RowDataError, connect
 from metering.db.partitions import month_partition
 from metering.db.queries import get
 from metering.events import UsageEvent
@@ -151,3 +151,40 @@ class UsageWriter:
                 continue
             await self._conn.execute(ENSURE_MONTH_PARTITION, month_partition(ts).start)
             self._known_months.add(month)
+
+
+class WriterConnection:
+    """One PostgreSQL connection and its writer (the writer's temp table lives on it)."""
+
+    def __init__(self, dsn: str, command_timeout: float) -> None:
+        self._dsn = dsn
+        self._command_timeout = command_timeout
+        self.conn: asyncpg.Connection | None = None
+        self._writer: UsageWriter | None = None
+
+    async def writer(self) -> UsageWriter:
+        if self._writer is None or self.conn is None or self.conn.is_closed():
+            self.conn = await connect(
+                self._dsn,
+                timeout=min(10.0, self._command_timeout),
+                command_timeout=self._command_timeout,
+            )
+            self._writer = UsageWriter(self.conn)
+        return self._writer
+
+    def forget_partitions(self) -> None:
+        if self._writer is not None:
+            self._writer.forget_partitions()
+
+    def drop(self) -> None:
+        conn, self.conn, self._writer = self.conn, None, None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self.conn, self._writer = self.conn, None, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.close(timeout=5)  # a silent server must not hold up shutdown
+            except Exception:
+                conn.terminate()
