@@ -1,61 +1,116 @@
-"""Prometheus text exposition (format 0.0.4): writing it, and reading it back.
+"""Prometheus metrics with ``prometheus-client``: plain counters mirrored, histograms direct.
 
-The worker serves its pipeline counters at ``/metrics``; an edge serves
-:meth:`metering.edge.middleware.MeteringEdge.metrics` wherever the app mounts it.
-Counters are per process (one uvicorn worker, one set), as Prometheus
-expects when it scrapes each process.
+The worker and the edge count in plain in-process objects (``PipelineStats``,
+``EdgeStats``, ``ProducerStats``: the request path pays an integer add, and
+the code and tests read them directly). :class:`MetricSet` mirrors them into
+``prometheus-client`` metrics: at every scrape, and in the background every
+second where several processes share the numbers. Latencies are observed
+straight into ``prometheus-client`` histograms.
+
+Several uvicorn workers (``uvicorn --workers N``) are one edge to Prometheus
+in the library's multiprocess mode: set ``PROMETHEUS_MULTIPROC_DIR`` to an
+empty directory writable by every worker before they start (and empty it at
+each deployment). Each worker then writes its metrics to files there and
+whichever worker answers the scrape reports the sum over all of them
+(gauges: the sum over live workers). Without it, each process reports its
+own numbers, as Prometheus expects when it scrapes each process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-CONTENT_TYPE = "text/plain; version=0.0.4"
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+CONTENT_TYPE = "text/plain; version=0.0.4"  # aiohttp adds the charset itself
+
+# Counters here mirror totals kept elsewhere: a *_created series per counter
+# would only say when this process started.
+disable_created_metrics()
+
+Reading = Callable[[], float]
+LabelledReading = Callable[[], Mapping[str, float]]
 
 
-@dataclass(frozen=True, slots=True)
-class Family:
-    name: str
-    kind: str  # counter | gauge
-    help: str
-    samples: list[tuple[Mapping[str, str], float]] = field(default_factory=list)
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, when it is on.
 
-    @classmethod
-    def one(cls, name: str, kind: str, help: str, value: float) -> Family:
-        return cls(name, kind, help, [({}, value)])
-
-    @classmethod
-    def by(cls, name: str, kind: str, help: str, label: str, values: Mapping[str, float]) -> Family:
-        return cls(name, kind, help, [({label: k}, v) for k, v in sorted(values.items())])
+    prometheus-client itself reads ``PROMETHEUS_MULTIPROC_DIR`` when it is
+    imported; this only tells the exposition side to aggregate."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+@dataclass
+class _Mirrored:
+    metric: Counter | Gauge
+    read: Reading | LabelledReading
+    label: str | None
+    seen: dict[str, float] = field(default_factory=dict)
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+class MetricSet:
+    """One component's metrics in their own registry (several edges or
+    pipelines in one process, as in the tests, do not collide)."""
 
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._mirrored: list[_Mirrored] = []
 
-def render(families: Iterable[Family]) -> str:
-    lines: list[str] = []
-    for f in families:
-        lines += [f"# HELP {f.name} {f.help}", f"# TYPE {f.name} {f.kind}"]
-        for labels, value in f.samples:
-            tags = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            lines.append(
-                f"{f.name}{{{tags}}} {_number(value)}" if tags else f"{f.name} {_number(value)}"
-            )
-    return "\n".join(lines) + "\n"
+    def counter(
+        self, name: str, help: str, read: Reading | LabelledReading, *, label: str | None = None
+    ) -> None:
+        """A counter that follows ``read()`` (a number, or ``{label value: number}``)."""
+        metric = Counter(name, help, [label] if label else [], registry=self.registry)
+        self._mirrored.append(_Mirrored(metric, read, label))
+
+    def gauge(self, name: str, help: str, read: Reading) -> None:
+        """A gauge set to ``read()``; in multiprocess mode, summed over live processes."""
+        metric = Gauge(name, help, registry=self.registry, multiprocess_mode="livesum")
+        self._mirrored.append(_Mirrored(metric, read, None))
+
+    def histogram(self, name: str, help: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, help, buckets=buckets, registry=self.registry)
+
+    def sync(self) -> None:
+        """Bring every mirrored metric up to its source."""
+        for m in self._mirrored:
+            if isinstance(m.metric, Gauge):
+                m.metric.set(float(m.read()))  # type: ignore[arg-type]
+                continue
+            values = m.read()
+            current = values if isinstance(values, Mapping) else {"": float(values)}
+            for key, value in current.items():
+                delta = float(value) - m.seen.get(key, 0.0)
+                if delta > 0:  # counters only go up; a reset source is ignored
+                    (m.metric.labels(key) if m.label else m.metric).inc(delta)
+                    m.seen[key] = float(value)
+
+    def exposition(self) -> bytes:
+        """Prometheus text: this process's metrics, or every process's in multiprocess mode."""
+        self.sync()
+        if multiprocess_dir():
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)
+            return generate_latest(combined)
+        return generate_latest(self.registry)
 
 
 def parse(text: str) -> dict[str, float]:
-    """``{'name' or 'name{labels}': value}`` from exposition text (tests, tools)."""
+    """``{'name' or 'name{label="value"}': value}`` from exposition text (tests, tools)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            tags = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{tags}}}" if tags else sample.name] = sample.value
     return out

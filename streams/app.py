@@ -9,11 +9,14 @@ connects until a worker starts it. ``metering worker`` is the entry point
 from __future__ import annotations
 
 import faust
+from prometheus_client import Histogram
 
 from metering.settings import Settings
 from streams.topics import dead_letter_topic
 from streams.usage import add_usage_consumer
-from streams.web import add_web_views
+from streams.web import add_web_views, worker_metrics
+
+BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -33,6 +36,16 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.web_port,
         web_bind=settings.web_bind,
     )
-    consumer = add_usage_consumer(app, settings, dead_letter_topic(app, settings))
-    add_web_views(app, consumer)
+    batch_seconds = Histogram(
+        "metering_batch_duration_seconds",
+        "Time to decode, write and count one batch (from fetch to committed totals).",
+        buckets=BATCH_BUCKETS,
+        registry=None,
+    )
+    consumer = add_usage_consumer(
+        app, settings, dead_letter_topic(app, settings), observe_batch_seconds=batch_seconds.observe
+    )
+    metrics = worker_metrics(consumer)
+    metrics.registry.register(batch_seconds)
+    add_web_views(app, consumer, metrics)
     return app

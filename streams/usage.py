@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, cast
 
@@ -342,7 +342,11 @@ class UsageConsumer(mode.Service):
 
 
 def add_usage_consumer(
-    app: faust.App, settings: Settings, dlq: faust.types.TopicT
+    app: faust.App,
+    settings: Settings,
+    dlq: faust.types.TopicT,
+    *,
+    observe_batch_seconds: Callable[[float], None] | None = None,
 ) -> UsageConsumer:
     """Build the usage pipeline for ``settings`` and attach its consumer and
     housekeeping to ``app``. Nothing connects until the worker starts."""
@@ -364,6 +368,7 @@ def add_usage_consumer(
         command_timeout_s=settings.db_command_timeout_s,
         retention_days=settings.retention_days,
         partitions_ahead_months=settings.partitions_ahead_months,
+        observe_batch_seconds=observe_batch_seconds,
     )
     consumer = UsageConsumer(
         settings=settings, pipeline=pipeline, dead_letters=dead_letters, redis=redis_client

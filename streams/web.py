@@ -7,115 +7,96 @@ import time
 import faust
 from faust.web import Request, Response, View
 
-from metering.metrics import CONTENT_TYPE, Family, render
+from metering.metrics import CONTENT_TYPE, MetricSet
 from streams.usage import UsageConsumer
 
 
-def add_web_views(app: faust.App, consumer: UsageConsumer) -> None:
+def worker_metrics(consumer: UsageConsumer) -> MetricSet:
+    """The worker's metrics, mirrored from its pipeline's counters at each scrape."""
+    s, dead_letters = consumer.pipeline.stats, consumer.dead_letters
+    m = MetricSet()
+    m.counter("metering_batches_total", "Batches committed.", lambda: s.batches)
+    m.counter("metering_records_total", "Records consumed.", lambda: s.records)
+    m.counter("metering_events_inserted_total", "Events written.", lambda: s.inserted)
+    m.counter(
+        "metering_events_duplicate_total",
+        "Events seen before (not counted again).",
+        lambda: s.duplicates,
+    )
+    m.counter(
+        "metering_dead_letters_total",
+        "Records sent to the dead-letter topic, by reason.",
+        lambda: s.dead_letters,
+        label="reason",
+    )
+    m.counter(
+        "metering_dead_letters_unpublishable_total",
+        "Dead letters the DLQ refused even without their value (skipped, logged).",
+        lambda: dead_letters.unpublishable,
+    )
+    m.counter(
+        "metering_db_retries_total",
+        "Retries of a batch step during an outage (PostgreSQL, the DLQ).",
+        lambda: s.db_retries,
+    )
+    m.gauge(
+        "metering_pipeline_paused",
+        "1 while an outage pauses the pipeline (batches retried, offsets held).",
+        lambda: int(s.paused_since is not None),
+    )
+    m.gauge(
+        "metering_pipeline_paused_seconds",
+        "How long the current outage has paused the pipeline (0: running).",
+        lambda: round(time.time() - s.paused_since, 3) if s.paused_since else 0.0,
+    )
+    m.counter(
+        "metering_reconcile_failures_total",
+        "Housekeeping runs (partitions, Redis rebuild) that failed.",
+        lambda: s.reconcile_failures,
+    )
+    m.counter(
+        "metering_redis_failures_total",
+        "Counter updates that Redis refused (rebuilt later).",
+        lambda: s.redis_failures,
+    )
+    m.gauge(
+        "metering_last_batch_seconds", "Duration of the last batch.", lambda: s.last_batch_seconds
+    )
+    m.gauge(
+        "metering_first_batch_timestamp_seconds",
+        "When the first batch committed (Unix time).",
+        lambda: s.first_batch_at or 0,
+    )
+    m.gauge(
+        "metering_last_batch_timestamp_seconds",
+        "When the last batch committed (Unix time).",
+        lambda: s.last_batch_at or 0,
+    )
+    m.gauge(
+        "metering_seconds_since_last_batch",
+        "Seconds since the last batch committed (-1: none yet).",
+        lambda: round(time.time() - s.last_batch_at, 3) if s.last_batch_at else -1,
+    )
+    return m
+
+
+def add_web_views(app: faust.App, consumer: UsageConsumer, metrics: MetricSet) -> None:
     """``/metering/health`` and ``/metrics`` for the consumer's pipeline."""
-    pipeline, dead_letters = consumer.pipeline, consumer.dead_letters
+    stats = consumer.pipeline.stats
 
     @app.page("/metering/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            s = pipeline.stats
             body = {
-                "status": "paused" if s.paused_since else "ok",
-                "batches": s.batches,
-                "last_batch_at": s.last_batch_at,
-                "paused_since": s.paused_since,
-                "pause_reason": s.pause_reason or None,
+                "status": "paused" if stats.paused_since else "ok",
+                "batches": stats.batches,
+                "last_batch_at": stats.last_batch_at,
+                "paused_since": stats.paused_since,
+                "pause_reason": stats.pause_reason or None,
             }
             return self.json(body)
 
     @app.page("/metrics")
     class Metrics(View):
         async def get(self, request: Request) -> Response:
-            s = pipeline.stats
-            counter, gauge = "counter", "gauge"
-            now = time.time()
-            since = (now - s.last_batch_at) if s.last_batch_at else -1
-            paused = (now - s.paused_since) if s.paused_since else 0.0
-            body = render(
-                [
-                    Family.one("metering_batches_total", counter, "Batches committed.", s.batches),
-                    Family.one("metering_records_total", counter, "Records consumed.", s.records),
-                    Family.one(
-                        "metering_events_inserted_total", counter, "Events written.", s.inserted
-                    ),
-                    Family.one(
-                        "metering_events_duplicate_total",
-                        counter,
-                        "Events seen before (not counted again).",
-                        s.duplicates,
-                    ),
-                    Family.by(
-                        "metering_dead_letters_total",
-                        counter,
-                        "Records sent to the dead-letter topic, by reason.",
-                        "reason",
-                        s.dead_letters,
-                    ),
-                    Family.one(
-                        "metering_dead_letters_unpublishable_total",
-                        counter,
-                        "Dead letters the DLQ refused even without their value (skipped, logged).",
-                        dead_letters.unpublishable,
-                    ),
-                    Family.one(
-                        "metering_db_retries_total",
-                        counter,
-                        "Retries of a batch step during an outage (PostgreSQL, the DLQ).",
-                        s.db_retries,
-                    ),
-                    Family.one(
-                        "metering_pipeline_paused",
-                        gauge,
-                        "1 while an outage pauses the pipeline (batches retried, offsets held).",
-                        int(s.paused_since is not None),
-                    ),
-                    Family.one(
-                        "metering_pipeline_paused_seconds",
-                        gauge,
-                        "How long the current outage has paused the pipeline (0: running).",
-                        round(paused, 3),
-                    ),
-                    Family.one(
-                        "metering_reconcile_failures_total",
-                        counter,
-                        "Housekeeping runs (partitions, Redis rebuild) that failed.",
-                        s.reconcile_failures,
-                    ),
-                    Family.one(
-                        "metering_redis_failures_total",
-                        counter,
-                        "Counter updates that Redis refused (rebuilt later).",
-                        s.redis_failures,
-                    ),
-                    Family.one(
-                        "metering_last_batch_seconds",
-                        gauge,
-                        "Duration of the last batch.",
-                        round(s.last_batch_seconds, 6),
-                    ),
-                    Family.one(
-                        "metering_first_batch_timestamp_seconds",
-                        gauge,
-                        "When the first batch committed (Unix time).",
-                        round(s.first_batch_at or 0, 6),
-                    ),
-                    Family.one(
-                        "metering_last_batch_timestamp_seconds",
-                        gauge,
-                        "When the last batch committed (Unix time).",
-                        round(s.last_batch_at or 0, 6),
-                    ),
-                    Family.one(
-                        "metering_seconds_since_last_batch",
-                        gauge,
-                        "Seconds since the last batch committed (-1: none yet).",
-                        round(since, 3),
-                    ),
-                ]
-            )
-            return self.text(body, content_type=CONTENT_TYPE)
+            return self.text(metrics.exposition().decode(), content_type=CONTENT_TYPE)

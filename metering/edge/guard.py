@@ -65,6 +65,8 @@ class EdgeStats:
     redis_failures: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
     shadowed: Counter[str] = field(default_factory=Counter)  # let through by shadow mode, by reason
+    # seconds the middleware added to a request (MeteringEdge observes them in a histogram)
+    observe_overhead: Callable[[float], None] = field(default=lambda seconds: None)
 
 
 class EdgeGuard:

@@ -113,6 +113,7 @@ class MeteringMiddleware:
                     if key.startswith("mk_")
                     else "malformed key",
                 )
+        overhead = time.perf_counter() - started  # plus the event's, at the end
 
         status = 500
         sent = 0
@@ -145,9 +146,23 @@ class MeteringMiddleware:
             try:
                 await self.app(scope, receive, send_wrapper)
             finally:
-                self._emit(scope, decision, status, started, client_ip, sent)
+                self._emit_and_observe(scope, decision, status, started, client_ip, sent, overhead)
             return
+        self._emit_and_observe(scope, decision, status, started, client_ip, sent, overhead)
+
+    def _emit_and_observe(
+        self,
+        scope: Scope,
+        decision: Decision,
+        status: int,
+        started: float,
+        client_ip: str,
+        sent: int,
+        overhead: float,
+    ) -> None:
+        emitting = time.perf_counter()
         self._emit(scope, decision, status, started, client_ip, sent)
+        self.guard.stats.observe_overhead(overhead + time.perf_counter() - emitting)
 
     def _extract_key(self, scope: Scope) -> str | None:
         for name, value in scope.get("headers", []):

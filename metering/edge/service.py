@@ -3,13 +3,89 @@ from settings, with ``start()``/``stop()`` and the edge's metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from metering.edge.guard import EdgeGuard
 from metering.edge.producer import UsageProducer
-from metering.metrics import Family, render
+from metering.metrics import MetricSet, multiprocess_dir
+
+METRICS_SYNC_S = 1.0
+# request overhead: a warm check is ~0.2 ms; a cache miss adds a PostgreSQL lookup
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+def edge_metrics(guard: EdgeGuard, producer: UsageProducer) -> MetricSet:
+    """The edge's metrics: its guard's and producer's counters, and the overhead histogram."""
+    g, p = guard.stats, producer.stats
+    m = MetricSet()
+    m.counter(
+        "metering_edge_checks_total",
+        "Requests checked against Redis (keyless requests to protected paths are rejected before).",
+        lambda: g.checks,
+    )
+    m.counter(
+        "metering_edge_rejected_total",
+        "Requests answered 401, 403, 429 or 503, by reason.",
+        lambda: g.rejected,
+        label="reason",
+    )
+    m.counter(
+        "metering_edge_shadowed_total",
+        "Requests a limit would have rejected, let through by shadow mode, by reason.",
+        lambda: g.shadowed,
+        label="reason",
+    )
+    m.counter(
+        "metering_edge_key_cache_misses_total",
+        "Checks that looked the key up in PostgreSQL.",
+        lambda: g.cache_misses,
+    )
+    m.counter(
+        "metering_edge_redis_failures_total",
+        "Checks made without Redis: the failure policy (open or closed) applied.",
+        lambda: g.redis_failures,
+    )
+    m.counter(
+        "metering_edge_redis_round_trips_total",
+        "Script calls sent to Redis (concurrent checks share one).",
+        lambda: guard.round_trips,
+    )
+    m.counter(
+        "metering_edge_events_emitted_total",
+        "Usage events offered to the producer (= sent + dropped + buffered).",
+        lambda: p.emitted,
+    )
+    m.counter(
+        "metering_edge_events_sent_total", "Usage events acknowledged by Kafka.", lambda: p.sent
+    )
+    m.counter(
+        "metering_edge_events_dropped_total",
+        "Usage events lost: buffer full, too large, emitted during shutdown, or "
+        "still unsent when shutdown ran out of time.",
+        lambda: p.dropped,
+    )
+    m.counter(
+        "metering_edge_producer_send_errors_total",
+        "Failed Kafka sends (the events are retried).",
+        lambda: p.send_errors,
+    )
+    m.gauge(
+        "metering_edge_events_buffered",
+        "Usage events waiting for Kafka or in flight to it.",
+        lambda: producer.buffered,
+    )
+    overhead = m.histogram(
+        "metering_edge_overhead_seconds",
+        "Time the middleware added to a request: key check (Redis, a PostgreSQL lookup on a "
+        "cache miss) and emitting the usage event.",
+        OVERHEAD_BUCKETS,
+    )
+    g.observe_overhead = overhead.observe
+    return m
 
 
 class MeteringEdge:
@@ -64,13 +140,23 @@ class MeteringEdge:
             last_used_flush_s=settings.last_used_flush_s,
             clock=clock,
         )
+        self._metrics = edge_metrics(self.guard, self.producer)
+        self._syncer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._pool = await self._pool_factory()
         await self.producer.start()
         await self.guard.start()
+        if multiprocess_dir() and self._syncer is None:
+            self._syncer = asyncio.create_task(self._sync_metrics_forever())
 
     async def stop(self) -> None:
+        if self._syncer is not None:
+            self._syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._syncer
+            self._syncer = None
+            self._metrics.sync()
         await self.guard.stop()
         await self.producer.stop()
         if self._pool is not None:
@@ -79,82 +165,16 @@ class MeteringEdge:
         await self._redis.aclose()
 
     def metrics(self) -> str:
-        """This process's edge counters as Prometheus text (serve it on ``/metrics``)."""
-        g, p = self.guard.stats, self.producer.stats
-        counter = "counter"
-        return render(
-            [
-                Family.one(
-                    "metering_edge_checks_total",
-                    counter,
-                    "Requests checked against Redis (keyless requests to protected paths are rejected before).",
-                    g.checks,
-                ),
-                Family.by(
-                    "metering_edge_rejected_total",
-                    counter,
-                    "Requests answered 401, 403, 429 or 503, by reason.",
-                    "reason",
-                    g.rejected,
-                ),
-                Family.by(
-                    "metering_edge_shadowed_total",
-                    counter,
-                    "Requests a limit would have rejected, let through by shadow mode, by reason.",
-                    "reason",
-                    g.shadowed,
-                ),
-                Family.one(
-                    "metering_edge_key_cache_misses_total",
-                    counter,
-                    "Checks that looked the key up in PostgreSQL.",
-                    g.cache_misses,
-                ),
-                Family.one(
-                    "metering_edge_redis_failures_total",
-                    counter,
-                    "Checks made without Redis: the failure policy (open or closed) applied.",
-                    g.redis_failures,
-                ),
-                Family.one(
-                    "metering_edge_redis_round_trips_total",
-                    counter,
-                    "Script calls sent to Redis (concurrent checks share one).",
-                    self.guard.round_trips,
-                ),
-                Family.one(
-                    "metering_edge_events_emitted_total",
-                    counter,
-                    "Usage events offered to the producer (= sent + dropped + buffered).",
-                    p.emitted,
-                ),
-                Family.one(
-                    "metering_edge_events_sent_total",
-                    counter,
-                    "Usage events acknowledged by Kafka.",
-                    p.sent,
-                ),
-                Family.one(
-                    "metering_edge_events_dropped_total",
-                    counter,
-                    "Usage events lost: buffer full, too large, emitted during shutdown, or "
-                    "still unsent when shutdown ran out of time.",
-                    p.dropped,
-                ),
-                Family.one(
-                    "metering_edge_producer_send_errors_total",
-                    counter,
-                    "Failed Kafka sends (the events are retried).",
-                    p.send_errors,
-                ),
-                Family.one(
-                    "metering_edge_events_buffered",
-                    "gauge",
-                    "Usage events waiting for Kafka or in flight to it.",
-                    self.producer.buffered,
-                ),
-            ]
-        )
+        """The edge's metrics as Prometheus text (serve it on ``/metrics``): this
+        process's, or every worker's in multiprocess mode (:mod:`metering.metrics`)."""
+        return self._metrics.exposition().decode()
+
+    async def _sync_metrics_forever(self) -> None:
+        """Multiprocess mode: keep this worker's numbers current for whichever
+        worker answers the scrape."""
+        while True:
+            await asyncio.sleep(METRICS_SYNC_S)
+            self._metrics.sync()
 
     async def __aenter__(self) -> MeteringEdge:
         await self.start()

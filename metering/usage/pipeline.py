@@ -113,8 +113,10 @@ class UsagePipeline:
         partitions_ahead_months: int = 2,
         max_backoff_s: float = 30.0,
         command_timeout_s: float = 30.0,
+        observe_batch_seconds: Callable[[float], None] | None = None,
     ) -> None:
         self._counters = counters
+        self._observe_batch = observe_batch_seconds
         self._dead_letters = dead_letters
         self._policy = policy
         self._retention_days = retention_days
@@ -205,6 +207,8 @@ class UsagePipeline:
         s.duplicates += result.duplicates
         s.last_batch_at = time.time()
         s.last_batch_seconds = time.perf_counter() - started
+        if self._observe_batch is not None:
+            self._observe_batch(s.last_batch_seconds)
         return BatchResult(
             len(records), result.inserted, result.duplicates, len(letters), result.totals
         )

@@ -420,6 +420,9 @@ async def test_metrics_count_checks_rejections_and_events(servers, client, db):
     assert m["metering_edge_events_sent_total"] == 3
     assert m["metering_edge_events_buffered"] == 0
     assert m["metering_edge_redis_failures_total"] == 0
+    # one overhead observation per metered request (the keyless 401 included)
+    assert m["metering_edge_overhead_seconds_count"] == 3
+    assert 0 < m["metering_edge_overhead_seconds_sum"] < 3
 
 
 async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_settings):

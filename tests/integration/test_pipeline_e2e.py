@@ -192,6 +192,8 @@ async def test_exactly_once_across_duplicates_crash_and_redelivery(
     # recognised every already-written event as a duplicate.
     assert m["metering_events_inserted_total"] == len(second)
     assert m["metering_events_duplicate_total"] >= len(first) + len(first) // 10 + 300
+    # every committed batch was timed into the histogram
+    assert m["metering_batch_duration_seconds_count"] == m["metering_batches_total"] > 0
 
     # usage_logs: each distinct valid event exactly once
     rows = await db.fetch("SELECT event_id FROM usage_logs")

@@ -1,26 +1,77 @@
-from metering.metrics import Family, parse, render
+"""MetricSet mirrors plain counters into prometheus-client, and multiprocess
+mode sums several processes (real prometheus-client, real processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+from metering.metrics import MetricSet, parse
 
 
-def test_render_then_parse_round_trips():
-    text = render(
-        [
-            Family.one("a_total", "counter", "As.", 3),
-            Family.by("b_total", "counter", "Bs by reason.", "reason", {"z": 1, 'say "hi"\n': 2.5}),
-            Family.one("c", "gauge", "C.", -1.25),
-        ]
+def test_counters_follow_their_source_and_gauges_are_set():
+    plain = {"n": 0}
+    reasons: Counter[str] = Counter()
+    level = [0.0]
+    m = MetricSet()
+    m.counter("a_total", "As.", lambda: plain["n"])
+    m.counter("b_total", "Bs by reason.", lambda: reasons, label="reason")
+    m.gauge("c", "C.", lambda: level[0])
+    plain["n"], reasons['say "hi"'], level[0] = 3, 2, -1.25
+    first = parse(m.exposition().decode())
+    assert first["a_total"] == 3 and first["c"] == -1.25
+    assert first['b_total{reason="say "hi""}'] == 2  # the value comes back unescaped
+    plain["n"], reasons["z"], level[0] = 5, 1, 4
+    second = parse(m.exposition().decode())
+    assert (second["a_total"], second['b_total{reason="z"}'], second["c"]) == (5, 1, 4)
+    assert "a_total_created" not in second  # no per-process creation times
+    m.sync()  # syncing twice adds nothing
+    assert parse(m.exposition().decode())["a_total"] == 5
+
+
+def test_histograms_expose_buckets_count_and_sum():
+    m = MetricSet()
+    h = m.histogram("d_seconds", "Ds.", (0.001, 0.01))
+    for s in (0.0005, 0.005, 0.05):
+        h.observe(s)
+    got = parse(m.exposition().decode())
+    assert got['d_seconds_bucket{le="0.001"}'] == 1
+    assert got['d_seconds_bucket{le="0.01"}'] == 2
+    assert got['d_seconds_bucket{le="+Inf"}'] == 3 and got["d_seconds_count"] == 3
+
+
+def test_multiprocess_mode_sums_the_workers(tmp_path: Path):
+    """Two 'uvicorn workers' count on their own; a third answers the scrape."""
+    worker = textwrap.dedent(
+        """
+        import sys
+        from metering.metrics import MetricSet
+        n = int(sys.argv[1])
+        m = MetricSet()
+        m.counter("edge_checks_total", "Checks.", lambda: n)
+        m.gauge("edge_buffered", "Buffered.", lambda: n * 10)
+        m.histogram("edge_overhead_seconds", "Overhead.", (0.001,)).observe(0.0005)
+        m.sync()
+        print(m.exposition().decode())
+        """
     )
-    assert text.endswith("\n")
-    assert "# HELP a_total As.\n# TYPE a_total counter\na_total 3\n" in text
-    assert 'b_total{reason="say \\"hi\\"\\n"} 2.5' in text  # label values escaped
-    assert parse(text) == {
-        "a_total": 3,
-        'b_total{reason="say \\"hi\\"\\n"}': 2.5,
-        'b_total{reason="z"}': 1,
-        "c": -1.25,
-    }
-
-
-def test_an_empty_labelled_family_is_just_its_header():
-    assert render([Family.by("d_total", "counter", "Ds.", "reason", {})]) == (
-        "# HELP d_total Ds.\n# TYPE d_total counter\n"
-    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", worker, str(n)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for n in (3, 4)
+    ]
+    combined = parse(outputs[-1])  # the second worker's scrape sees both
+    assert combined["edge_checks_total"] == 7
+    assert combined["edge_overhead_seconds_count"] == 2
+    # the gauge sums live processes only: the first worker has exited
+    assert combined["edge_buffered"] in (40, 70)
+    assert parse(outputs[0])["edge_checks_total"] == 3
