@@ -7,13 +7,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from metering.dev.processes import STACK_FILES, log, port_open, run, stop_pidfile, wait
+from metering.dev.base import STACK_FILES, Endpoints, log, port_open, run, stop_pidfile, wait
 from metering.errors import StackError
-
-if TYPE_CHECKING:
-    from metering.dev.stack import Endpoints
 
 
 def _kafka_jars(ep: Endpoints) -> None:

@@ -16,52 +16,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from metering.dev.base import Endpoints, apt_install, log, port_open, run, stop_pidfile, wait
 from metering.dev.kafka import kafka_down, kafka_up
-from metering.dev.processes import ROOT, apt_install, log, port_open, run, stop_pidfile, wait
 from metering.errors import StackError
 from metering.settings import Settings
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoints:
-    kafka_host: str
-    kafka_port: int
-    controller_port: int
-    pg_host: str
-    pg_port: int
-    pg_user: str
-    pg_password: str
-    pg_database: str
-    redis_host: str
-    redis_port: int
-    state: Path  # pid files, logs, Kafka's jars and data
-    kafka_heap: str
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> Endpoints:
-        first = s.kafka_bootstrap.split(",")[0]
-        k_host, _, k_port = first.rpartition(":")
-        pg = urlsplit(s.database_url)
-        rd = urlsplit(s.redis_url)
-        kafka_port = int(k_port or 9092)
-        return cls(
-            kafka_host=k_host or "127.0.0.1",
-            kafka_port=kafka_port,
-            controller_port=s.kafka_controller_port or kafka_port + 1,
-            pg_host=pg.hostname or "127.0.0.1",
-            pg_port=pg.port or 5432,
-            pg_user=pg.username or "metering",
-            pg_password=pg.password or "metering",
-            pg_database=(pg.path or "/metering").lstrip("/") or "metering",
-            redis_host=rd.hostname or "127.0.0.1",
-            redis_port=rd.port or 6379,
-            state=Path(s.stack_dir) if s.stack_dir else ROOT / ".stack",
-            kafka_heap=s.kafka_heap,
-        )
 
 
 def redis_up(ep: Endpoints) -> None:

@@ -61,8 +61,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-# A batch of at least this many events, every one refused by PostgreSQL for
-# the same reason, is an outage (a schema or partition problem), not bad data.
+# This many events or more, all refused for one reason: the schema, not the data.
 SYSTEMIC_REJECTION_MIN = 10
 
 
@@ -116,7 +115,7 @@ class UsagePipeline:
         observe_batch_seconds: Callable[[float], None] | None = None,
     ) -> None:
         self._counters = counters
-        self._observe_batch = observe_batch_seconds
+        self._observe_batch = observe_batch_seconds or (lambda seconds: None)
         self._dead_letters = dead_letters
         self._policy = policy
         self._retention_days = retention_days
@@ -207,8 +206,7 @@ class UsagePipeline:
         s.duplicates += result.duplicates
         s.last_batch_at = time.time()
         s.last_batch_seconds = time.perf_counter() - started
-        if self._observe_batch is not None:
-            self._observe_batch(s.last_batch_seconds)
+        self._observe_batch(s.last_batch_seconds)
         return BatchResult(
             len(records), result.inserted, result.duplicates, len(letters), result.totals
         )
