@@ -12,8 +12,10 @@ in the library's multiprocess mode: set ``PROMETHEUS_MULTIPROC_DIR`` to an
 empty directory writable by every worker before they start (and empty it at
 each deployment). Each worker then writes its metrics to files there and
 whichever worker answers the scrape reports the sum over all of them
-(gauges: the sum over live workers). Without it, each process reports its
-own numbers, as Prometheus expects when it scrapes each process.
+(gauges: over the workers not yet marked dead; :meth:`MetricSet.close` marks
+a stopping process). Without it, each process reports its own numbers, as
+Prometheus expects when it scrapes each process. In multiprocess mode the
+metrics of one process share its files: one edge per process.
 """
 
 from __future__ import annotations
@@ -27,17 +29,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
 CONTENT_TYPE = "text/plain; version=0.0.4"  # aiohttp adds the charset itself
-
-# Counters here mirror totals kept elsewhere: a *_created series per counter
-# would only say when this process started.
-disable_created_metrics()
 
 Reading = Callable[[], float]
 LabelledReading = Callable[[], Mapping[str, float]]
@@ -91,10 +88,17 @@ class MetricSet:
             values = m.read()
             current = values if isinstance(values, Mapping) else {"": float(values)}
             for key, value in current.items():
-                delta = float(value) - m.seen.get(key, 0.0)
-                if delta > 0:  # counters only go up; a reset source is ignored
+                value, before = float(value), m.seen.get(key, 0.0)
+                # a source that went down was reset: everything since counts
+                delta = value - before if value >= before else value
+                if delta > 0:
                     (m.metric.labels(key) if m.label else m.metric).inc(delta)
-                    m.seen[key] = float(value)
+                m.seen[key] = value
+
+    def close(self) -> None:
+        """A process that stops: its gauges leave the multiprocess sums."""
+        if multiprocess_dir():
+            mark_process_dead(os.getpid())
 
     def exposition(self) -> bytes:
         """Prometheus text: this process's metrics, or every process's in multiprocess mode."""

@@ -68,43 +68,50 @@ class IdentityCache:
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
         # the version must outlive every entry written with it
-        self._version_ttl_s = max(ttl_s, negative_ttl_s) + 300
+        self.version_ttl_s = max(ttl_s, negative_ttl_s) + 300
         self._set = redis.register_script(_SET)
         self._release = redis.register_script(_RELEASE)
 
-    async def _write(self, mode: str, key_hash: str, version: int, value: str) -> bool:
+    async def _write(self, mode: str, key_hash: str, version: int, value: str) -> int:
+        """-1 when refused, else the version known before (see identity_cache.lua)."""
         ttl = self.negative_ttl_s if value == NEGATIVE else self.ttl_s
-        done = await self._set(
-            keys=[entry_key(self._prefix, key_hash), version_key(self._prefix, key_hash)],
-            args=[mode, version, value, ttl, self._version_ttl_s],
+        return int(
+            await self._set(
+                keys=[entry_key(self._prefix, key_hash), version_key(self._prefix, key_hash)],
+                args=[mode, version, value, ttl, self.version_ttl_s],
+            )
         )
-        return bool(done)
 
     async def fill(self, key_hash: str, identity: Identity | None, version: int) -> bool:
         """An edge's cache miss: write the entry unless one exists or a newer
         version was recorded. Returns whether it was written."""
         value = cache_entry(identity) if identity else NEGATIVE
-        return await self._write("fill", key_hash, version, value)
+        return await self._write("fill", key_hash, version, value) >= 0
 
     async def set(self, key_hash: str, identity: Identity | None, version: int) -> bool:
         """Write the entry unless a newer version was recorded. Returns whether it was written."""
         value = cache_entry(identity) if identity else NEGATIVE
-        return await self._write("set", key_hash, version, value)
+        return await self._write("set", key_hash, version, value) >= 0
 
-    async def invalidate(self, stamps: Sequence[store.Stamp]) -> list[store.Stamp]:
+    async def invalidate(
+        self, stamps: Sequence[store.Stamp], done: list[tuple[store.Stamp, int]]
+    ) -> None:
         """Before a change commits: delete its keys' entries and record their new
-        versions. Returns the stamps written (to release if the change rolls back)."""
-        done = []
+        versions. Each one written is appended to ``done`` with the version it
+        replaced, as it happens (a Redis error halfway keeps what was done), so
+        :meth:`release` can give them back if the change rolls back."""
         for stamp in stamps:
-            if await self._write("invalidate", stamp.key_hash, stamp.version, ""):
-                done.append(stamp)
-        return done
+            previous = await self._write("invalidate", stamp.key_hash, stamp.version, "")
+            if previous >= 0:
+                done.append((stamp, previous))
 
-    async def release(self, stamps: Sequence[store.Stamp]) -> None:
-        """A change rolled back after :meth:`invalidate`: give its versions back."""
-        for stamp in stamps:
+    async def release(self, done: Sequence[tuple[store.Stamp, int]]) -> None:
+        """A change rolled back after :meth:`invalidate`: put back the versions it
+        replaced (unless a later change raised them meanwhile)."""
+        for stamp, previous in done:
             await self._release(
-                keys=[version_key(self._prefix, stamp.key_hash)], args=[stamp.version]
+                keys=[version_key(self._prefix, stamp.key_hash)],
+                args=[stamp.version, previous, self.version_ttl_s],
             )
 
     async def refresh(self, conn: asyncpg.Connection, key_hashes: Sequence[str]) -> None:

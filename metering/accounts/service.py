@@ -78,38 +78,63 @@ class AccountsService:
         """``work`` in one transaction; its stamps invalidated before the commit
         and refreshed after it."""
         async with self._conn() as conn:
-            invalidated: list[store.Stamp] = []
+            invalidated: list[tuple[store.Stamp, int]] = []
+            cache_ok = True
             try:
                 async with conn.transaction():
                     result, stamps = await work(conn)
-                    invalidated = await self._cache_step("invalidate", stamps, conn)
-            except BaseException:
-                if invalidated and self._cache is not None:
-                    with contextlib.suppress(RedisError, OSError):
-                        await self._cache.release(invalidated)
+                    cache_ok = await self._invalidate(stamps, invalidated)
+            except asyncpg.PostgresError:
+                # The server refused the change (at COMMIT, after the
+                # invalidation): it did not happen, so give the versions back.
+                # A lost connection is different: the commit may have landed,
+                # and the versions stay (fills are refused until they expire).
+                await self._release(invalidated)
                 raise
-            await self._cache_step("refresh", stamps, conn)
+            if cache_ok:
+                await self._refresh(conn, stamps)
         return result
 
-    async def _cache_step(
-        self, step: str, stamps: list[store.Stamp], conn: asyncpg.Connection
-    ) -> list[store.Stamp]:
+    async def _invalidate(
+        self, stamps: list[store.Stamp], done: list[tuple[store.Stamp, int]]
+    ) -> bool:
         if self._cache is None or not stamps:
-            return []
+            return True
         try:
-            if step == "invalidate":
-                return await self._cache.invalidate(stamps)
-            await self._cache.refresh(conn, [s.key_hash for s in stamps])
+            await self._cache.invalidate(stamps, done)
+            return True
         except (RedisError, OSError) as exc:
-            self.cache_failures += 1
-            log.warning(
-                "Redis unreachable (%s) during a key change (%s); edges verify keys in "
-                "PostgreSQL while Redis is away, and older cached entries expire within %ss",
-                exc,
-                step,
-                self._cache.ttl_s,
-            )
-        return []
+            self._cache_trouble("before the commit", exc)
+            return False
+
+    async def _release(self, done: list[tuple[store.Stamp, int]]) -> None:
+        if self._cache is not None and done:
+            try:
+                await self._cache.release(done)
+            except (RedisError, OSError) as exc:
+                self._cache_trouble("giving versions back after a rollback", exc)
+
+    async def _refresh(self, conn: asyncpg.Connection, stamps: list[store.Stamp]) -> None:
+        """After the commit, nothing may fail the change: it happened (a rotation's
+        new key must still be shown). The entries are already gone, so a refresh
+        that fails leaves the edges to look the keys up again."""
+        if self._cache is None or not stamps:
+            return
+        try:
+            await self._cache.refresh(conn, [s.key_hash for s in stamps])
+        except Exception as exc:
+            self._cache_trouble("after the commit", exc)
+
+    def _cache_trouble(self, when: str, exc: BaseException) -> None:
+        self.cache_failures += 1
+        assert self._cache is not None
+        log.warning(
+            "edge cache not updated %s (%s); edges verify keys in PostgreSQL while Redis "
+            "is away, and entries cached before expire within %ss",
+            when,
+            exc,
+            self._cache.ttl_s,
+        )
 
     # -- tiers -----------------------------------------------------------------
 
@@ -267,6 +292,9 @@ class AccountsService:
         async def work(
             conn: asyncpg.Connection,
         ) -> tuple[tuple[keys.NewKey, KeyInfo, KeyInfo], list[store.Stamp]]:
+            # the owner first, as set-tier and suspend do: the new key's foreign
+            # key check needs the user row, and the two orders would deadlock
+            await store.lock_user(conn, (await store.get_key(conn, ref)).user_id)
             old = await store.lock_key(conn, ref)
             if old.status != "active":
                 raise InputError(
@@ -274,7 +302,7 @@ class AccountsService:
                 )
             new, info = await self._insert_key(
                 conn,
-                await store.get_user(conn, old.user_id),
+                await store.get_user(conn, old.user_id),  # locked above
                 name=old.name,
                 scopes=old.scopes,
                 expires_at=old.expires_at,

@@ -157,6 +157,7 @@ class MeteringEdge:
                 await self._syncer
             self._syncer = None
             self._metrics.sync()
+            self._metrics.close()
         await self.guard.stop()
         await self.producer.stop()
         if self._pool is not None:

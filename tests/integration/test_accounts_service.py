@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from metering.accounts import AccountsService, IdentityCache, store
 from metering.accounts.cache import NEGATIVE, cache_entry, entry_key
 from metering.edge.guard import EdgeGuard
+from metering.errors import InputError
 
 PEPPER = b"service-test-pepper"
 
@@ -141,3 +142,79 @@ async def test_set_tier_reaches_the_edge_at_once(db, guard, redis_client, redis_
     after = await guard.check(key, "192.0.2.1")
     assert after.identity is not None and after.identity.tier == "pro"
     assert after.identity.rate_limit_per_minute != before.identity.rate_limit_per_minute
+
+
+class RefreshBroken(IdentityCache):
+    """The database connection breaks between the commit and the refresh."""
+
+    async def refresh(self, conn: asyncpg.Connection, key_hashes: Sequence[str]) -> None:
+        raise asyncpg.InterfaceError("connection lost after the commit")
+
+
+async def test_a_committed_rotation_is_reported_even_if_its_refresh_fails(
+    db, guard, redis_client, redis_prefix
+):
+    service = service_on(db, RefreshBroken(redis_client, prefix=redis_prefix))
+    key, prefix = await new_key(service)
+    assert (await guard.check(key, "192.0.2.1")).status is None
+    new, info, old = await service.rotate_key(prefix)  # the new key must be shown
+    assert old.status == "rotating" and info.rotated_from == old.id
+    assert (await guard.check(new.plaintext, "192.0.2.1")).status is None
+    decision = await guard.check(key, "192.0.2.1")  # refilled from the committed state
+    assert decision.status is None and decision.identity is not None
+    assert decision.identity.status == "rotating"
+
+
+async def test_a_failed_change_gives_back_the_version_it_replaced(
+    db, guard, redis_client, redis_prefix
+):
+    """Revoke (committed), then a delete that fails at COMMIT: the revoke's
+    version stays, so a fill from a read older than the revoke is still refused."""
+    cache = IdentityCache(redis_client, prefix=redis_prefix)
+    service = service_on(db, cache)
+    key, prefix = await new_key(service)
+    key_hash = (await service.get_key(prefix)).key_hash
+    stale, stale_version = await store.lookup_identity(db, key_hash)
+    await service.revoke_key(prefix, reason="leaked")
+    await db.execute(
+        """
+        CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = '40001'; END $$;
+        CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON api_key_events
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();
+        """
+    )
+    with pytest.raises(asyncpg.SerializationError):
+        await service.delete_key(prefix)
+    assert await cache.fill(key_hash, stale, stale_version) is False
+    assert (await guard.check(key, "192.0.2.1")).status == 401
+
+
+async def test_rotation_and_suspension_at_once_do_not_deadlock(
+    database_url, db, redis_client, redis_prefix
+):
+    cache = IdentityCache(redis_client, prefix=redis_prefix)
+    a, b = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        rotator, admin = service_on(a, cache), service_on(b, cache)
+        for _ in range(10):
+            _, prefix = await new_key(rotator)
+            user = (await rotator.get_key(prefix)).user_id
+            results = await asyncio.gather(
+                rotator.rotate_key(prefix), admin.suspend(user), return_exceptions=True
+            )
+            # the suspension may win (then the rotation is refused for it); never a deadlock
+            for r in results:
+                assert not isinstance(r, Exception) or isinstance(r, InputError), repr(r)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_probes_of_unknown_keys_leave_no_version_behind(guard, redis_client, redis_prefix):
+    from metering import keys
+
+    for _ in range(5):
+        assert (await guard.check(keys.generate().plaintext, "192.0.2.7")).status == 401
+    versions = [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:keyver:*")]
+    assert versions == []

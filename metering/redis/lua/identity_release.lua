@@ -1,7 +1,13 @@
 -- A lifecycle change that invalidated a cache entry and then rolled back
--- gives the version back, if no later change raised it meanwhile.
--- KEYS[1] the version key, ARGV[1] the version the change had written.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+-- puts the version it replaced back, if no later change raised it meanwhile.
+-- KEYS[1] the version key; ARGV[1] the version the change wrote,
+-- ARGV[2] the one it replaced (0: none), ARGV[3] the version's TTL.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0
+if tonumber(ARGV[2]) == 0 then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+end
+return 1
