@@ -20,6 +20,7 @@ Rejected records go to the dead-letter topic untouched, with the reason.
 from __future__ import annotations
 
 import math
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024
 MAX_RESPONSE_TIME_MS = 3_600_000.0  # an hour: anything slower is a clock bug
 MAX_UNITS = 1_000_000_000
+REJECTION_REASON = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_ENDPOINT_LEN = 1024
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -74,6 +76,9 @@ class UsageEvent:
     bytes_out: int | None = None
     units: int = 1
     schema_version: int = SCHEMA_VERSION
+    # set when the edge refused the request (forbidden_ip, rate_limited ...):
+    # recorded, never billable, never counted against the quota
+    rejected: str | None = None
 
     @classmethod
     def new(
@@ -90,6 +95,7 @@ class UsageEvent:
         units: int = 1,
         occurred_at: datetime | None = None,
         event_id: uuid.UUID | None = None,
+        rejected: str | None = None,
     ) -> UsageEvent:
         """Build and validate an event at the edge (fresh id, now as event time)."""
         record: dict[str, Any] = {
@@ -106,6 +112,7 @@ class UsageEvent:
             "units": units,
             "schema_version": SCHEMA_VERSION,
         }
+        record["rejected"] = rejected
         return validate(record)
 
     @property
@@ -129,6 +136,7 @@ class UsageEvent:
             "bytes_out": self.bytes_out,
             "units": self.units,
             "schema_version": self.schema_version,
+            "rejected": self.rejected,
         }
 
     def to_json(self) -> bytes:
@@ -256,6 +264,13 @@ def validate(data: Any) -> UsageEvent:
     if not 0 <= units <= MAX_UNITS:
         raise InvalidEventError("bad_value", f"units {units} is outside 0-{MAX_UNITS}")
 
+    rejected = data.get("rejected")
+    if rejected is not None:
+        if not isinstance(rejected, str):
+            raise InvalidEventError("bad_type", "rejected must be a string or null")
+        if not REJECTION_REASON.match(rejected):
+            raise InvalidEventError("bad_value", "rejected must be a reason like forbidden_ip")
+
     return UsageEvent(
         event_id=event_id,
         occurred_at=occurred_at,
@@ -269,6 +284,7 @@ def validate(data: Any) -> UsageEvent:
         bytes_out=bytes_out,
         units=units,
         schema_version=version,
+        rejected=rejected,
     )
 
 

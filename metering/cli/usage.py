@@ -158,11 +158,23 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
     rows = with_db_and_redis(settings, go)
     table = Table(title=f"daily usage, last {args.days} day(s), UTC")
-    columns = ("date", "user", "tier", "requests", "units", "4xx", "429", "5xx", "avg ms", "quota")
+    columns = (
+        "date",
+        "user",
+        "tier",
+        "requests",
+        "refused",
+        "units",
+        "4xx",
+        "429",
+        "5xx",
+        "avg ms",
+        "quota",
+    )
     for col in (*columns, "redis"):
         table.add_column(col, justify="left" if col in ("date", "user", "tier") else "right")
     for r in rows:
-        served = r.requests - r.throttled
+        served = r.requests - r.rejected  # what the quota counts
         quota = f"{100 * served / r.daily_quota:.1f}%" if r.daily_quota else "unlimited"
         redis_cell = "-" if r.redis_requests is None else str(r.redis_requests)
         if r.redis_requests is not None and r.redis_requests != r.requests:
@@ -172,6 +184,7 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
             r.email or str(r.user_id),
             r.tier or "?",
             f"{r.requests:,}",
+            f"{r.rejected:,}",
             f"{r.units:,}",
             str(r.client_errors),
             str(r.throttled),

@@ -211,6 +211,9 @@ class EdgeGuard:
             return Decision(503, "unavailable", headers=[("Retry-After", "1")])
         if code == "forbidden_ip":
             return Decision(403, "forbidden_ip", identity)
+        if code == "forbidden_throttled":  # never shadowed: the address is not allowed at all
+            retry_s = max(1, int(retry_ms / 1000 + 0.999))
+            return Decision(429, code, identity, [("Retry-After", str(retry_s))])
         if code in ("rate_limited", "quota_exceeded"):
             if code == "quota_exceeded":
                 midnight = today.replace(hour=0, minute=0, second=0, microsecond=0)

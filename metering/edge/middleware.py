@@ -53,6 +53,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATE_KEY = "metering"
 UNITS_KEY = "metering_units"
+REJECTED_KEY = "metering_rejected"  # why a dependency refused the request
 
 _BODIES = {
     401: {"error": "unauthorized", "message": "missing or invalid API key"},
@@ -65,6 +66,10 @@ _REASON_BODIES = {
     "auth_throttled": {
         "error": "too_many_requests",
         "message": "too many failed authentication attempts from this address",
+    },
+    "forbidden_throttled": {
+        "error": "too_many_requests",
+        "message": "too many requests from an address this key may not be used from",
     },
 }
 
@@ -222,7 +227,11 @@ class MeteringMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or scope.get("path") or "/"
         method = scope.get("method", "GET")
-        units = scope.get("state", {}).get(UNITS_KEY, 1) if decision.status is None else 0
+        state = scope.get("state", {})
+        if decision.status is not None:
+            units, rejected = 0, decision.reason
+        else:
+            units, rejected = state.get(UNITS_KEY, 1), state.get(REJECTED_KEY)
         # Built directly (every field is ours and already well-typed): the full
         # contract validation is for records arriving from outside.
         event = UsageEvent(
@@ -237,6 +246,7 @@ class MeteringMiddleware:
             client_ip=client_ip if is_ip(client_ip) else "0.0.0.0",
             bytes_out=sent,
             units=units if type(units) is int and 0 <= units <= MAX_UNITS else 1,
+            rejected=rejected if isinstance(rejected, str) else None,
         )
         try:
             self.producer.emit(event)
@@ -267,6 +277,7 @@ def require_scopes(*scopes: str) -> Callable[[Request], Identity]:
         identity = current_identity(request)
         if identity is None:
             setattr(request.state, UNITS_KEY, 0)  # refused: recorded, never billed
+            setattr(request.state, REJECTED_KEY, "unauthorized")
             raise HTTPException(401, detail=_BODIES[401], headers={"WWW-Authenticate": "Bearer"})
         granted = set(identity.scopes)
         if "*" in granted:
@@ -274,6 +285,7 @@ def require_scopes(*scopes: str) -> Callable[[Request], Identity]:
         missing = sorted(needed - granted)
         if missing:
             setattr(request.state, UNITS_KEY, 0)  # refused: recorded, never billed
+            setattr(request.state, REJECTED_KEY, "missing_scope")
             raise HTTPException(
                 403,
                 detail={

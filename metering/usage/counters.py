@@ -2,9 +2,9 @@
 
 Key layout (``prefix`` defaults to ``metering``)::
 
-    {prefix}:usage:{user_id}:{YYYY-MM-DD}   hash  requests, units, errors, throttled
-                                            (UTC day; expires 3 days after it;
-                                            quota use = requests - throttled)
+    {prefix}:usage:{user_id}:{YYYY-MM-DD}   hash  requests, units, errors, throttled,
+                                            rejected (UTC day; expires 3 days after
+                                            it; quota use = requests - rejected)
     {prefix}:usage:synced                   string, set after a rebuild from
                                             PostgreSQL; its absence means Redis
                                             lost its data and must be rebuilt
@@ -41,7 +41,8 @@ class DailyTotal:
     requests: int
     units: int
     errors: int
-    throttled: int = 0  # answered 429: not served, not counted against the quota
+    throttled: int = 0  # answered 429 (by the edge or the app)
+    rejected: int = 0  # refused by the edge: never billable, not counted against the quota
 
 
 class UsageCounters:
@@ -73,6 +74,7 @@ class UsageCounters:
                             t.units,
                             t.errors,
                             t.throttled,
+                            t.rejected,
                             int(expire_at.timestamp()),
                         ],
                         client=pipe,
@@ -103,6 +105,7 @@ class UsageCounters:
                 int(raw[b"units"]),
                 int(raw[b"errors"]),
                 int(raw.get(b"throttled", 0)),
+                int(raw.get(b"rejected", 0)),
             )
             if raw
             else None
@@ -122,7 +125,7 @@ class UsageCounters:
         ``today``, and any later ones); return how many were written."""
         since = (today or datetime.now(UTC).date()) - timedelta(days=days - 1)
         rows = await conn.fetch(queries.get("daily_totals_since"), since)
-        totals = [DailyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        totals = [DailyTotal(*r) for r in rows]
         for chunk in _chunks(totals, 1000):
             await self.publish(chunk)
         try:

@@ -25,6 +25,7 @@ class UsageRow:
     client_errors: int
     server_errors: int
     throttled: int
+    rejected: int
     avg_ms: float | None
     daily_quota: int | None
     redis_requests: int | None  # None: no counter in Redis (expired or not rebuilt yet)
@@ -57,6 +58,7 @@ async def daily_usage(
                 r["client_error_count"],
                 r["server_error_count"],
                 r["throttled_count"],
+                r["rejected_count"],
                 r["avg_ms"],
                 r["daily_quota"],
                 cached.requests if cached else None,

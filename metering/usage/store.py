@@ -44,6 +44,7 @@ STAGE_COLUMNS = (
     "bytes_out",
     "units",
     "schema_version",
+    "rejected",
 )
 
 CREATE_STAGE = get("create_usage_stage")
@@ -80,6 +81,7 @@ def to_row(e: UsageEvent) -> tuple[object, ...]:
         e.bytes_out,
         e.units,
         e.schema_version,
+        e.rejected,
     )
 
 
@@ -114,14 +116,15 @@ class UsageWriter:
             row = await conn.fetchrow(INSERT_AND_AGGREGATE)
             assert row is not None
             totals = [
-                DailyTotal(u, d, r, n, x, t)
-                for u, d, r, n, x, t in zip(
+                DailyTotal(*fields)
+                for fields in zip(
                     row["user_ids"],
                     row["dates"],
                     row["requests"],
                     row["units"],
                     row["errors"],
                     row["throttled"],
+                    row["rejected"],
                     strict=True,
                 )
             ]
@@ -142,7 +145,7 @@ class UsageWriter:
             return []
         users, days = zip(*wanted, strict=True)
         rows = await self._conn.fetch(TOTALS_OF, list(users), list(days))
-        return [DailyTotal(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        return [DailyTotal(*r) for r in rows]
 
     async def _ensure_partitions(self, events: Sequence[UsageEvent]) -> None:
         months = {(e.occurred_at.year, e.occurred_at.month): e.occurred_at for e in events}

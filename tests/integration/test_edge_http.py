@@ -272,10 +272,15 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     r = await client.get(f"{quota_srv.url}/v1/search", headers=hdr(quota_key))
     assert r.status_code == 429 and r.json()["error"] == "quota_exceeded"
     assert int(r.headers["Retry-After"]) <= 86400
-    # requests that were answered 429 do not use up the quota
-    await counters.publish([DailyTotal(quota_user.id, today, 1100, 1000, 100, 101)])
+    # refused for the quota, they use up no rate-limit capacity (10/min here)
+    for _ in range(15):
+        r = await client.get(f"{quota_srv.url}/v1/search", headers=hdr(quota_key))
+        assert r.json()["error"] == "quota_exceeded"
+    # requests the edge refused (401, 403, 429) do not use up the quota
+    await counters.publish([DailyTotal(quota_user.id, today, 1100, 1000, 100, 101, rejected=101)])
     r = await client.get(f"{quota_srv.url}/v1/search", headers=hdr(quota_key))
     assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "1"
+    assert int(r.headers["X-RateLimit-Remaining"]) >= 8  # 2 of 10 used, not 17
 
     # 429 after 5 failed authentications from one address, even with a good key
     attacker = next_ip()
@@ -514,8 +519,8 @@ async def test_events_for_every_request_land_in_usage_logs(
 
     await eventually(landed, timeout=60, what="the edge's events in usage_logs")
     rows = await db.fetch(
-        "SELECT status_code, user_id, api_key_id, endpoint, units, host(client_ip) AS ip"
-        " FROM usage_logs"
+        "SELECT status_code, user_id, api_key_id, endpoint, units, rejected,"
+        " host(client_ip) AS ip FROM usage_logs"
     )
     by_status: dict[int, int] = {}
     for row in rows:
@@ -530,8 +535,63 @@ async def test_events_for_every_request_land_in_usage_logs(
         # served requests carry their weight; rejected ones bill nothing
         want_units = 0 if row["status_code"] >= 400 else 10 if row["endpoint"] == "/v1/batch" else 1
         assert row["units"] == want_units, dict(row)
+        # and say why they were refused
+        want_rejected = {401: {"missing_key", "unauthorized"}, 403: {"missing_scope"}}
+        if row["status_code"] in want_rejected:
+            assert row["rejected"] in want_rejected[row["status_code"]], dict(row)
+        else:
+            assert row["rejected"] is None, dict(row)
     assert by_status == expected
     assert {r["endpoint"] for r in rows} >= {"/v1/search", "/v1/items/{item_id}", "/v1/items"}
+
+
+async def test_a_leaked_allowlisted_key_cannot_burn_its_owners_quota(
+    servers, client, db, kafka_settings, edge_settings, worker_factory, service
+):
+    """30 requests from outside the key's allowlist: 403 until the key's per-minute
+    limit, then 429; the worker records them as refused, and the owner's other
+    key still has its whole daily quota."""
+    await service.create_tier(name="tiny", daily_quota=20, rate_limit_per_minute=10)
+    srv = await servers()
+    user = await make_user(db, "tiny")
+    leaked, _ = await make_key(db, user, ip_allowlist=["10.0.0.0/8"])
+    other, _ = await make_key(db, user)
+    attacker = next_ip()
+    statuses = [
+        (await client.get(f"{srv.url}/v1/search", headers=hdr(leaked, attacker))).status_code
+        for _ in range(30)
+    ]
+    assert statuses == [403] * 10 + [429] * 20
+    await srv.app.state.edge.producer.flush(timeout=10)
+    worker_factory(kafka_settings)
+
+    async def counted() -> bool:
+        n = await db.fetchval("SELECT request_count FROM daily_usage WHERE user_id = $1", user.id)
+        return n == 30
+
+    await eventually(counted, timeout=60, what="the 30 refused requests in daily_usage")
+    row = await db.fetchrow(
+        "SELECT request_count, rejected_count, units FROM daily_usage WHERE user_id = $1", user.id
+    )
+    assert (row["rejected_count"], row["units"]) == (30, 0)  # recorded, nothing billable
+    reasons = await db.fetch(
+        "SELECT rejected, count(*) FROM usage_logs WHERE user_id = $1 GROUP BY 1 ORDER BY 1",
+        user.id,
+    )
+    assert [(r[0], r[1]) for r in reasons] == [("forbidden_ip", 10), ("forbidden_throttled", 20)]
+
+    async def counters_current() -> bool:  # the worker published the day's totals to Redis
+        return (
+            await srv.app.state.edge._redis.hget(
+                f"{edge_settings.redis_key_prefix}:usage:{user.id}:{datetime.now(UTC).date()}",
+                "requests",
+            )
+        ) == b"30"
+
+    await eventually(counters_current, timeout=30, what="the Redis counter")
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(other, next_ip()))
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Quota-Remaining"] == "20"
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

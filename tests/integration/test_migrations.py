@@ -35,6 +35,7 @@ MIGRATIONS = [
     (4, "throttled"),
     (5, "pipeline_hardening"),
     (6, "key_versions"),
+    (7, "rejected"),
 ]
 
 

@@ -13,6 +13,7 @@ from metering.events import (
     MAX_RECORD_BYTES,
     MAX_RESPONSE_TIME_MS,
     MAX_UNITS,
+    REJECTION_REASON,
     REQUIRED_FIELDS,
     TimePolicy,
     UsageEvent,
@@ -37,6 +38,7 @@ def record(**overrides):
         "bytes_out": 512,
         "units": 1,
         "schema_version": 1,
+        "rejected": None,
     }
     base.update(overrides)
     return base
@@ -209,3 +211,19 @@ def test_json_schema_matches_the_python_contract():
     assert props["response_time_ms"]["maximum"] == MAX_RESPONSE_TIME_MS
     assert props["units"]["maximum"] == MAX_UNITS
     assert props["bytes_out"]["maximum"] == 2**62
+    assert props["rejected"]["pattern"] == REJECTION_REASON.pattern
+
+
+def test_rejected_is_a_reason_or_null():
+    policy = TimePolicy(now=NOW)
+    event = decode(orjson.dumps(record(rejected="forbidden_ip", units=5)), policy)
+    assert event.rejected == "forbidden_ip"
+    assert orjson.loads(event.to_json())["rejected"] == "forbidden_ip"
+    assert orjson.loads(decode(orjson.dumps(record()), policy).to_json())["rejected"] is None
+    missing = record()
+    del missing["rejected"]  # optional: producers before it are still valid
+    assert decode(orjson.dumps(missing), policy).rejected is None
+    for bad, reason in ((7, "bad_type"), ("Forbidden IP", "bad_value"), ("", "bad_value")):
+        with pytest.raises(InvalidEventError) as caught:
+            decode(orjson.dumps(record(rejected=bad)), policy)
+        assert caught.value.reason == reason

@@ -6,7 +6,7 @@
 CREATE TEMP TABLE IF NOT EXISTS usage_stage (
     event_id uuid, created_at timestamptz, user_id uuid, api_key_id uuid,
     endpoint text, method text, status_code smallint, response_time_ms double precision,
-    client_ip text, bytes_out bigint, units integer, schema_version smallint
+    client_ip text, bytes_out bigint, units integer, schema_version smallint, rejected text
 ) ON COMMIT DELETE ROWS;
 
 -- name: insert_and_aggregate
@@ -16,20 +16,23 @@ CREATE TEMP TABLE IF NOT EXISTS usage_stage (
 WITH inserted AS (
     INSERT INTO usage_logs (event_id, created_at, user_id, api_key_id, endpoint, method,
                             status_code, response_time_ms, client_ip, bytes_out, units,
-                            schema_version)
+                            schema_version, rejected)
     SELECT event_id, created_at, user_id, api_key_id, endpoint, method,
-           status_code, response_time_ms, client_ip::inet, bytes_out, units, schema_version
+           status_code, response_time_ms, client_ip::inet, bytes_out, units, schema_version,
+           rejected
     FROM usage_stage
     ON CONFLICT DO NOTHING
-    RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units
+    RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units, rejected
 ), per_day AS (
     SELECT user_id,
            (created_at AT TIME ZONE 'UTC')::date AS date,
            count(*) AS request_count,
-           sum(units) AS units,
+           -- a refused request is never billable, whatever units it carries
+           coalesce(sum(units) FILTER (WHERE rejected IS NULL), 0) AS units,
            count(*) FILTER (WHERE status_code BETWEEN 400 AND 499) AS client_errors,
            count(*) FILTER (WHERE status_code >= 500) AS server_errors,
            count(*) FILTER (WHERE status_code = 429) AS throttled,
+           count(*) FILTER (WHERE rejected IS NOT NULL) AS rejected,
            sum(response_time_ms) AS response_time_ms,
            coalesce(sum(bytes_out), 0) AS bytes_out
     FROM inserted
@@ -38,10 +41,10 @@ WITH inserted AS (
     ORDER BY 1, 2
 ), upserted AS (
     INSERT INTO daily_usage AS d (user_id, date, request_count, units, client_error_count,
-                                  server_error_count, throttled_count, total_response_time_ms,
-                                  bytes_out)
+                                  server_error_count, throttled_count, rejected_count,
+                                  total_response_time_ms, bytes_out)
     SELECT user_id, date, request_count, units, client_errors, server_errors, throttled,
-           response_time_ms, bytes_out
+           rejected, response_time_ms, bytes_out
     FROM per_day
     ON CONFLICT (user_id, date) DO UPDATE SET
         request_count          = d.request_count + EXCLUDED.request_count,
@@ -49,11 +52,13 @@ WITH inserted AS (
         client_error_count     = d.client_error_count + EXCLUDED.client_error_count,
         server_error_count     = d.server_error_count + EXCLUDED.server_error_count,
         throttled_count        = d.throttled_count + EXCLUDED.throttled_count,
+        rejected_count         = d.rejected_count + EXCLUDED.rejected_count,
         total_response_time_ms = d.total_response_time_ms + EXCLUDED.total_response_time_ms,
         bytes_out              = d.bytes_out + EXCLUDED.bytes_out,
         updated_at             = now()
     RETURNING d.user_id, d.date, d.request_count, d.units,
-              d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
+              d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled,
+              d.rejected_count AS rejected
 )
 SELECT (SELECT count(*) FROM inserted) AS inserted,
        coalesce((SELECT array_agg(u.user_id) FROM upserted u), '{}') AS user_ids,
@@ -61,13 +66,15 @@ SELECT (SELECT count(*) FROM inserted) AS inserted,
        coalesce((SELECT array_agg(u.request_count) FROM upserted u), '{}') AS requests,
        coalesce((SELECT array_agg(u.units) FROM upserted u), '{}') AS units,
        coalesce((SELECT array_agg(u.errors) FROM upserted u), '{}') AS errors,
-       coalesce((SELECT array_agg(u.throttled) FROM upserted u), '{}') AS throttled;
+       coalesce((SELECT array_agg(u.throttled) FROM upserted u), '{}') AS throttled,
+       coalesce((SELECT array_agg(u.rejected) FROM upserted u), '{}') AS rejected;
 
 -- name: totals_of
 -- Totals of (user, day) pairs a batch touched but did not change (all its
 -- events there were duplicates): $1 user ids, $2 dates.
 SELECT d.user_id, d.date, d.request_count, d.units,
-       d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled
+       d.client_error_count + d.server_error_count AS errors, d.throttled_count AS throttled,
+       d.rejected_count AS rejected
 FROM unnest($1::uuid[], $2::date[]) AS t(user_id, date)
 JOIN daily_usage d ON d.user_id = t.user_id AND d.date = t.date;
 
@@ -78,14 +85,14 @@ SELECT ensure_usage_logs_partition($1);
 -- name: daily_totals_since
 -- Every user's daily totals from $1 on (to rebuild the Redis counters).
 SELECT user_id, date, request_count, units,
-       client_error_count + server_error_count AS errors, throttled_count
+       client_error_count + server_error_count AS errors, throttled_count, rejected_count
 FROM daily_usage
 WHERE date >= $1;
 
 -- name: daily_usage_report
 -- `metering usage`: daily rows from $1 on, of one user ($2) or all (NULL).
 SELECT d.date, d.user_id, u.email, t.name AS tier, d.request_count, d.units,
-       d.client_error_count, d.server_error_count, d.throttled_count,
+       d.client_error_count, d.server_error_count, d.throttled_count, d.rejected_count,
        d.total_response_time_ms / NULLIF(d.request_count, 0) AS avg_ms,
        t.daily_quota
 FROM daily_usage d

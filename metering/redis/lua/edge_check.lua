@@ -9,8 +9,8 @@
 --       6 failed authentications per minute per IP
 -- Returns {code, identity json, limit, remaining, reset_ms, retry_after_ms,
 --          quota_used, quota_limit}; code is one of
---   ok | anon_ok | miss | unauthorized | forbidden_ip | rate_limited |
---   quota_exceeded | anon_limited | auth_throttled
+--   ok | anon_ok | miss | unauthorized | forbidden_ip | forbidden_throttled |
+--   rate_limited | quota_exceeded | anon_limited | auth_throttled
 -- rate_limited / quota_exceeded with shadow mode are still returned as such
 -- (the caller decides); a rate-limited request does not use up capacity.
 
@@ -80,30 +80,40 @@ local function check(prefix, key_hash, ip_hex, day, anon_per_day, fails_per_min)
       end
     end
     if not inside then
+      -- refused, but still limited per key and client address: a leaked key
+      -- used from outside its allowlist cannot flood through its 403s
+      local ok_x, _, _, retry_x = gcra(prefix .. ':rl:forbidden:' .. id.key_id .. ':' .. ip_hex,
+                                       id.rate_limit_per_minute, 60000, true)
+      if not ok_x then
+        return {'forbidden_throttled', raw, 0, 0, 0, retry_x, 0, -1}
+      end
       return {'forbidden_ip', raw, 0, 0, 0, 0, 0, -1}
     end
   end
 
-  -- 5. per-key rate limit
+  -- 5. daily quota from the counters the stream keeps (committed usage),
+  --    before the rate limit: a refused request uses up no capacity
   local limit = id.rate_limit_per_minute
-  local ok, remaining, reset, retry = gcra(prefix .. ':rl:key:' .. id.key_id, limit, 60000, true)
+  local rl_key = prefix .. ':rl:key:' .. id.key_id
+  local quota = id.daily_quota
+  -- quota use = requests served: requests the edge refused do not count
+  -- ('rejected' from the workers of this version; 'throttled' before them)
+  local counts = redis.call('HMGET', prefix .. ':usage:' .. id.user_id .. ':' .. day,
+                            'requests', 'throttled', 'rejected')
+  local used = tonumber(counts[1] or '0') - tonumber(counts[3] or counts[2] or '0')
+  local has_quota = quota ~= cjson.null and quota ~= nil
+  if has_quota and used >= quota then
+    local _, remaining_q, reset_q = gcra(rl_key, limit, 60000, false)
+    return {'quota_exceeded', raw, limit, remaining_q, reset_q, 0, used, quota}
+  end
+
+  -- 6. per-key rate limit
+  local ok, remaining, reset, retry = gcra(rl_key, limit, 60000, true)
   if not ok then
     -- in shadow mode the caller lets it through (without using up capacity)
     return {'rate_limited', raw, limit, 0, reset, retry, 0, -1}
   end
-
-  -- 6. daily quota from the counters the stream keeps (committed usage)
-  local quota = id.daily_quota
-  -- quota use = requests served: answered-429 requests do not count
-  local counts = redis.call('HMGET', prefix .. ':usage:' .. id.user_id .. ':' .. day, 'requests', 'throttled')
-  local used = tonumber(counts[1] or '0') - tonumber(counts[2] or '0')
-  if quota ~= cjson.null and quota ~= nil then
-    if used >= quota then
-      return {'quota_exceeded', raw, limit, remaining, reset, 0, used, quota}
-    end
-    return {'ok', raw, limit, remaining, reset, 0, used, quota}
-  end
-  return {'ok', raw, limit, remaining, reset, 0, used, -1}
+  return {'ok', raw, limit, remaining, reset, 0, used, has_quota and quota or -1}
 end
 
 local n, out = tonumber(ARGV[1]), {}
