@@ -33,7 +33,13 @@ from typing import Any, cast
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    DataError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 
 
 def supported(redis: aioredis.Redis) -> bool:
@@ -43,18 +49,27 @@ def supported(redis: aioredis.Redis) -> bool:
     return cls in (Connection, SSLConnection, UnixDomainSocketConnection)
 
 
+def encode(a: Any) -> bytes:
+    """One argument as Redis receives it; :class:`DataError` for what it cannot
+    be (a bool, a Decimal, a str with a lone surrogate ...)."""
+    if isinstance(a, bytes):
+        return a
+    if isinstance(a, str):
+        try:
+            return a.encode()
+        except UnicodeEncodeError as exc:
+            raise DataError(f"cannot send a string that is not valid UTF-8: {exc}") from None
+    if type(a) is int or type(a) is float:  # not bool, not subclasses with their own repr
+        return repr(a).encode()
+    raise DataError(f"cannot send {type(a).__name__} to Redis")
+
+
 def pack(args: Sequence[Any]) -> bytes:
-    """One command in RESP: an array of bulk strings."""
+    """One command in RESP: an array of bulk strings (:class:`DataError` before
+    anything is written when an argument cannot be sent)."""
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, str):
-            b = a.encode()
-        elif isinstance(a, int | float) and not isinstance(a, bool):
-            b = repr(a).encode()
-        else:
-            raise TypeError(f"cannot send {type(a).__name__} to Redis")
+        b = encode(a)
         parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(parts)
 
@@ -106,9 +121,10 @@ class _Protocol(asyncio.Protocol):
     def send(self, args: Sequence[Any]) -> asyncio.Future[Any]:
         """Write one command; its reply (or error) resolves the returned future."""
         assert self.transport is not None
+        command = pack(args)  # first: a command that cannot be encoded fails alone
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting.append(fut)
-        self.transport.write(pack(args))
+        self.transport.write(command)
         return fut
 
     def fail(self, exc: BaseException) -> None:

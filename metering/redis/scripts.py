@@ -18,9 +18,9 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
-from metering.redis.resp import RespChannel, supported
+from metering.redis.resp import RespChannel, encode, supported
 
 
 def load_source(name: str, *, with_gcra: bool = True) -> str:
@@ -61,7 +61,9 @@ class CoalescingScript:
 
     async def __call__(self, args: Sequence[Any]) -> Any:
         """One check: ``args`` are its ARGV group (the script's fixed arity)."""
-        call = tuple(args)
+        # Encoded here, before joining a batch: an argument Redis cannot take
+        # fails this call alone (DataError), never the calls it would travel with.
+        call = tuple(encode(a) for a in args)
         if self._pending is not None:  # a leader is gathering this tick's calls: join it
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._pending.append((call, fut))
@@ -96,6 +98,12 @@ class CoalescingScript:
                 if f is not None and not f.done():
                     f.set_exception(exc)
             raise
+        if len(results) != len(batch):  # the script broke its contract: fail everyone now
+            broken = ResponseError(f"{len(results)} results for {len(batch)} calls")
+            for _, f in batch:
+                if f is not None and not f.done():
+                    f.set_exception(broken)
+            raise broken
         for (_, f), res in zip(batch, results, strict=True):
             if f is None or f.done():
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.exceptions import DataError
 
 from metering.redis.limiter import RateLimiter
 
@@ -55,3 +56,24 @@ async def test_cancelling_the_batch_leader_does_not_strand_its_followers(limiter
     assert all(r.allowed for r in done)
     assert leader.cancelled()
     assert limiter.round_trips - before == 2  # task 0 alone, then the leader's batch
+
+
+async def test_a_bad_key_fails_its_own_check_and_no_other(limiter):
+    """An exhausted bucket stays exhausted after a call that could not be sent,
+    alone or inside a coalesced batch, and nobody waits forever."""
+    assert (await limiter.hit("a", limit=1, period_s=60)).allowed
+    with pytest.raises(DataError):
+        await limiter.hit("lone \ud800", limit=1, period_s=60)
+    assert not (await limiter.hit("a", limit=1, period_s=60)).allowed
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(limiter.hit("a", limit=1, period_s=60) for _ in range(5)),
+            limiter.hit("bad \udfff", limit=1, period_s=60),
+            *(limiter.hit(f"fresh-{i}", limit=1, period_s=60) for i in range(5)),
+            return_exceptions=True,
+        ),
+        timeout=10,
+    )
+    assert [r.allowed for r in results[:5]] == [False] * 5
+    assert isinstance(results[5], DataError)
+    assert [r.allowed for r in results[6:]] == [True] * 5

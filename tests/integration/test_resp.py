@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 
 import pytest
 import redis.asyncio as aioredis
 import uvloop
 from redis.asyncio.connection import Connection
-from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import AuthenticationError, DataError, NoScriptError, ResponseError
 
 from metering.redis.resp import RespChannel, pack, supported
 from metering.redis.scripts import CoalescingScript
@@ -38,8 +39,9 @@ def test_pack_is_resp_bulk_strings():
         pack(["SET", b"k\r\n", 12, 1.5])
         == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
     )
-    with pytest.raises(TypeError):
-        pack(["SET", None])
+    for bad in (None, True, Decimal("1.5"), "lone \ud800 surrogate"):
+        with pytest.raises(DataError):
+            pack(["SET", bad])
 
 
 async def test_pipelined_replies_reach_their_callers(channel, redis_prefix):
@@ -49,6 +51,18 @@ async def test_pipelined_replies_reach_their_callers(channel, redis_prefix):
     value = b"binary\r\n\x00value"
     assert await channel.execute("SET", f"{redis_prefix}:b", value) == b"OK"
     assert await channel.execute("GET", f"{redis_prefix}:b") == value
+
+
+async def test_an_argument_redis_cannot_take_fails_alone_and_replies_stay_in_step(
+    channel, redis_prefix
+):
+    await channel.execute("SET", f"{redis_prefix}:a", "first")
+    for bad in ("lone \ud800", Decimal("1.5"), True):
+        with pytest.raises(DataError):
+            await channel.execute("SET", f"{redis_prefix}:b", bad)
+    # every later caller still gets its own reply (no reply slot was left behind)
+    assert await channel.execute("GET", f"{redis_prefix}:a") == b"first"
+    assert await channel.execute("EXISTS", f"{redis_prefix}:b") == 0
 
 
 async def test_error_replies_raise_and_the_connection_stays_usable(channel):
