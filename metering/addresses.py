@@ -20,14 +20,32 @@ def ip_hex(ip: str) -> str:
     return addr.packed.hex()
 
 
+def bucket_hex(addr_hex: str, ipv6_prefix: int) -> str:
+    """The throttles' bucket for an address (:func:`ip_hex` form): an IPv4
+    address is its own; an IPv6 one shares its bucket with its /``ipv6_prefix``
+    (whoever holds a /64 has 2^64 addresses, not 2^64 budgets)."""
+    if len(addr_hex) != 32 or ipv6_prefix >= 128:
+        return addr_hex
+    full, rest = divmod(ipv6_prefix, 4)
+    out = addr_hex[:full]
+    if rest:
+        nibble = int(addr_hex[full], 16) & (0xF << (4 - rest)) & 0xF
+        out += f"{nibble:x}"
+    return out.ljust(32, "0") + f"/{ipv6_prefix}"
+
+
 def network_hex(cidr: str) -> str:
     net = ipaddress.ip_network(cidr, strict=False)
     return f"{net.network_address.packed.hex()}/{net.prefixlen}"
 
 
 def allowed(client_ip: str, allowlist: Sequence[str]) -> bool:
+    """The Python twin of the script's allowlist check (IPv4-mapped IPv6
+    addresses count as their IPv4 address, as there)."""
     try:
         addr = ipaddress.ip_address(client_ip)
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
     return any(addr in ipaddress.ip_network(c, strict=False) for c in allowlist)

@@ -52,7 +52,8 @@ class Settings:
     negative_cache_ttl_s: int = 30  # unknown keys cached in Redis
     rotation_grace_hours: float = 24.0
     anonymous_per_day: int = 50  # per client IP, requests without a key
-    auth_failures_per_minute: int = 5  # per client IP, then 429
+    auth_failures_per_minute: int = 5  # per client IP (IPv6: per prefix), then 429
+    ipv6_bucket_prefix: int = 64  # IPv6 clients share throttles per this prefix
     redis_failure_mode: str = "open"  # open: allow + log + count; closed: 503
     last_used_flush_s: float = 30.0
     trusted_proxies: str = ""  # comma-separated CIDRs whose X-Forwarded-For is believed
@@ -196,6 +197,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rotation_grace_hours": _between(0, 8_760),
     "anonymous_per_day": _between(1, 10_000_000),
     "auth_failures_per_minute": _between(1, 100_000),
+    "ipv6_bucket_prefix": _between(16, 128),
     "redis_failure_mode": ((lambda v: v in ("open", "closed")), "'open' or 'closed'"),
     "last_used_flush_s": ((lambda v: 0 < v <= 3600), "> 0 and <= 3600"),
     "trusted_proxies": (_cidrs, "comma-separated CIDRs (e.g. 10.0.0.0/8,192.0.2.7)"),

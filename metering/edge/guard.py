@@ -38,12 +38,16 @@ from metering import keys
 from metering.accounts import store
 from metering.accounts.cache import IdentityCache
 from metering.accounts.model import Identity
-from metering.addresses import allowed, ip_hex
+from metering.addresses import allowed, bucket_hex, ip_hex
 from metering.redis.scripts import CoalescingScript, load_source
 
 log = logging.getLogger(__name__)
 
 DOWN_LOG_EVERY_S = 10
+
+
+class LookupsBusy(Exception):
+    """Too many cache-miss lookups are waiting: answer 503 instead of queueing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,7 @@ class Decision:
 class EdgeStats:
     checks: int = 0
     cache_misses: int = 0
+    lookups: int = 0  # PostgreSQL lookups made for cache misses (concurrent misses share one)
     redis_failures: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
     shadowed: Counter[str] = field(default_factory=Counter)  # let through by shadow mode, by reason
@@ -83,6 +88,8 @@ class EdgeGuard:
         auth_failures_per_minute: int = 5,
         redis_failure_mode: str = "open",
         last_used_flush_s: float = 30.0,
+        ipv6_bucket_prefix: int = 64,
+        max_concurrent_lookups: int = 4,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._redis = redis
@@ -98,6 +105,12 @@ class EdgeGuard:
         self._fails = auth_failures_per_minute
         self._mode = redis_failure_mode
         self._flush_every = last_used_flush_s
+        self._v6_prefix = ipv6_bucket_prefix
+        # Cache-miss lookups: at most this many at once (the edge's pool is
+        # small and legitimate fills wait behind them), one per key hash.
+        self._lookup_slots = asyncio.Semaphore(max_concurrent_lookups)
+        self._max_waiting_lookups = max_concurrent_lookups * 16
+        self._lookups: dict[str, asyncio.Future[None]] = {}
         self._script = CoalescingScript(redis, load_source("edge_check"))
         self._parsed: dict[bytes, Identity] = {}
         self._last_used: dict[str, float] = {}
@@ -147,9 +160,10 @@ class EdgeGuard:
             addr = ip_hex(client_ip)
         except ValueError:
             addr = "00000000"
+        bucket = bucket_hex(addr, self._v6_prefix)
         today = self._clock().astimezone(UTC)  # read once: the day and Retry-After agree
         day = today.date().isoformat()
-        args = (self._prefix, key_hash, addr, day, str(self._anon), str(self._fails))
+        args = [self._prefix, key_hash, addr, bucket, day, str(self._anon), str(self._fails), "0"]
         try:
             result = await self._eval(args)
             if result[0] == b"miss":
@@ -160,6 +174,9 @@ class EdgeGuard:
                     # Redis works but the key cannot be looked up: say "try again".
                     log.error("PostgreSQL unavailable for a key lookup (%s): 503", db_exc)
                     return Decision(503, "unavailable", headers=[("Retry-After", "5")])
+                except LookupsBusy:
+                    return Decision(503, "unavailable", headers=[("Retry-After", "1")])
+                args[-1] = "r" if result[1] == b"r" else "f"  # the re-check after the fill
                 result = await self._eval(args)
         except (RedisError, OSError) as exc:
             return await self._redis_down(exc, key_hash, client_ip)
@@ -173,7 +190,21 @@ class EdgeGuard:
         return decision
 
     async def _fill_cache(self, key_hash: str) -> None:
-        async with self._pool.acquire() as conn:
+        """One lookup per key hash however many requests missed it at once,
+        at most ``max_concurrent_lookups`` at a time; :class:`LookupsBusy`
+        when too many wait already."""
+        running = self._lookups.get(key_hash)
+        if running is None:
+            if len(self._lookups) >= self._max_waiting_lookups:
+                raise LookupsBusy
+            running = asyncio.ensure_future(self._look_up_and_fill(key_hash))
+            self._lookups[key_hash] = running
+            running.add_done_callback(lambda _: self._lookups.pop(key_hash, None))
+        await asyncio.shield(running)
+
+    async def _look_up_and_fill(self, key_hash: str) -> None:
+        async with self._lookup_slots, self._pool.acquire() as conn:
+            self.stats.lookups += 1
             identity, version = await store.lookup_identity(conn, key_hash)
         # Refused when the entry exists or a lifecycle change recorded a newer
         # version meanwhile: the check then sees "miss" and answers 503 (retry).
@@ -283,7 +314,7 @@ class EdgeGuard:
             return Decision(403, "forbidden_ip", identity, degraded=True)
         return Decision(None, "ok", identity, degraded=True)
 
-    async def _eval(self, args: tuple[str, ...]) -> list[Any]:
+    async def _eval(self, args: Sequence[str]) -> list[Any]:
         result: list[Any] = await self._script(args)
         return result
 

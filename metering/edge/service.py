@@ -138,6 +138,7 @@ class MeteringEdge:
             auth_failures_per_minute=settings.auth_failures_per_minute,
             redis_failure_mode=settings.redis_failure_mode,
             last_used_flush_s=settings.last_used_flush_s,
+            ipv6_bucket_prefix=settings.ipv6_bucket_prefix,
             clock=clock,
         )
         self._metrics = edge_metrics(self.guard, self.producer)

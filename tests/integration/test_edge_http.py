@@ -282,14 +282,23 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     assert r.status_code == 200 and r.headers["X-Quota-Remaining"] == "1"
     assert int(r.headers["X-RateLimit-Remaining"]) >= 8  # 2 of 10 used, not 17
 
-    # 429 after 5 failed authentications from one address, even with a good key
+    # 429 after 5 failed authentications from one address, for guesses only:
+    # a working key behind the same address (a shared NAT) is still served
     attacker = next_ip()
     for _ in range(5):
         assert (
             await client.get(f"{srv.url}/v1/search", headers=hdr(unknown, attacker))
         ).status_code == 401
-    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, attacker))
+    other_guess = keys.generate().plaintext
+    ISSUED.append(other_guess)
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(other_guess, attacker))
     assert r.status_code == 429 and "Retry-After" in r.headers
+    assert r.json()["error"] == "too_many_requests"
+    neighbour = await make_user(db, "pro")
+    neighbour_key, _ = await make_key(db, neighbour)
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(neighbour_key))).status_code == 200
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(neighbour_key, attacker))
+    assert r.status_code == 200, r.text
 
     # anonymous paths: per-IP allowance (3/day in this test), then 429
     anon_ip = next_ip()
@@ -447,10 +456,19 @@ async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_se
         await client.get(f"{open_srv.url}/v1/search", headers=hdr(bogus, ip))
     ).status_code == 401
     assert open_srv.guard.stats.redis_failures == 2
+    # the allowlist reads an IPv4-mapped IPv6 client as its IPv4 address, as the
+    # script does when Redis is up
+    fenced, _ = await make_key(db, user, ip_allowlist=["198.51.100.0/24"])
+    mapped = hdr(fenced, "::ffff:198.51.100.77")
+    assert (await client.get(f"{open_srv.url}/v1/search", headers=mapped)).status_code == 200
+    outside = hdr(fenced, "::ffff:192.0.2.77")
+    assert (await client.get(f"{open_srv.url}/v1/search", headers=outside)).status_code == 403
     r = await client.get(f"{closed_srv.url}/v1/search", headers=hdr(key, ip))
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     # one warning per edge per interval, not one per request
     assert sum("Redis unavailable" in line for line in TRAP.lines) - logged_before == 2
+    up = await servers()
+    assert (await client.get(f"{up.url}/v1/search", headers=mapped)).status_code == 200
 
 
 async def test_database_down_cached_keys_work_uncached_get_503(servers, client, db, edge_settings):
@@ -592,6 +610,55 @@ async def test_a_leaked_allowlisted_key_cannot_burn_its_owners_quota(
     r = await client.get(f"{srv.url}/v1/search", headers=hdr(other, next_ip()))
     assert r.status_code == 200, r.text
     assert r.headers["X-Quota-Remaining"] == "20"
+
+
+async def test_ipv6_clients_share_their_throttles_per_64(servers, client):
+    srv = await servers()
+    guesses = [keys.generate().plaintext for _ in range(7)]
+    ISSUED.extend(guesses)
+    for i in range(5):  # five addresses of one /64
+        r = await client.get(
+            f"{srv.url}/v1/search", headers=hdr(guesses[i], f"2001:db8:7:1::{i + 1}")
+        )
+        assert r.status_code == 401
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(guesses[5], "2001:db8:7:1:ffff::9"))
+    assert r.status_code == 429  # the /64's budget is spent
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(guesses[6], "2001:db8:7:2::1"))
+    assert r.status_code == 401  # the next /64 has its own
+    # the anonymous allowance (3 a day in these tests) is per /64 as well
+    anon = [
+        (
+            await client.get(f"{srv.url}/public/status", headers=hdr(None, f"2001:db8:8:1::{i}"))
+        ).status_code
+        for i in range(1, 5)
+    ]
+    assert anon == [200, 200, 200, 429]
+
+
+async def test_a_burst_of_unknown_keys_costs_at_most_the_budget_in_lookups(servers, client, db):
+    srv = await servers()
+    ip = next_ip()
+    guesses = [keys.generate().plaintext for _ in range(60)]
+    ISSUED.extend(guesses)
+    responses = await asyncio.gather(
+        *(client.get(f"{srv.url}/v1/search", headers=hdr(g, ip)) for g in guesses)
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [401] * 5 + [429] * 55
+    assert srv.guard.stats.lookups == 5  # auth_failures_per_minute: reserved before looking up
+    # 20 requests with one uncached working key at once: one lookup between them,
+    # and the slots their misses reserved are given back (the key works)
+    user = await make_user(db, "pro")
+    key, _ = await make_key(db, user)
+    shared = next_ip()
+    responses = await asyncio.gather(
+        *(client.get(f"{srv.url}/v1/search", headers=hdr(key, shared)) for _ in range(20))
+    )
+    assert [r.status_code for r in responses] == [200] * 20
+    assert srv.guard.stats.lookups == 6
+    for _ in range(5):  # the shared address still has its whole failure budget
+        r = await client.get(f"{srv.url}/v1/search", headers=hdr(keys.generate().plaintext, shared))
+        assert r.status_code == 401
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

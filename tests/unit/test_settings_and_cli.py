@@ -54,6 +54,7 @@ BAD_AND_EDGE = {
     "rotation_grace_hours": ("-1", "0"),
     "anonymous_per_day": ("0", "1"),
     "auth_failures_per_minute": ("0", "1"),
+    "ipv6_bucket_prefix": ("129", "128"),
     "redis_failure_mode": ("maybe", "closed"),
     "last_used_flush_s": ("0", "3600"),
     "trusted_proxies": ("garbage", "10.0.0.0/8, 192.0.2.7,2001:db8::/32"),

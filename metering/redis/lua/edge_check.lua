@@ -2,23 +2,51 @@
 -- identity), expiry/rotation, IP allowlist, per-key rate limit (GCRA) and
 -- daily quota. Standalone Redis (keys are derived inside the script).
 --
--- Many checks per call (coalesced requests): ARGV is the count, then 6
+-- Many checks per call (coalesced requests): ARGV is the count, then 8
 -- arguments per check; the reply is one result per check, in order.
 -- Per check: 1 prefix, 2 key hash ("" = no key, "!" = malformed key), 3 client ip as hex (8 or 32
---       nibbles), 4 UTC date YYYY-MM-DD, 5 anonymous requests per day,
---       6 failed authentications per minute per IP
+--       nibbles), 4 the client's throttle bucket (the address; for IPv6 its
+--       prefix), 5 UTC date YYYY-MM-DD, 6 anonymous requests per day,
+--       7 failed authentications per minute per bucket, 8 "0" for a first
+--       check; after the caller filled the cache on a miss, "r" if that miss
+--       reserved a failure slot (the reply's 2nd field said "r"), else "f"
 -- Returns {code, identity json, limit, remaining, reset_ms, retry_after_ms,
 --          quota_used, quota_limit}; code is one of
 --   ok | anon_ok | miss | unauthorized | forbidden_ip | forbidden_throttled |
 --   rate_limited | quota_exceeded | anon_limited | auth_throttled
 -- rate_limited / quota_exceeded with shadow mode are still returned as such
 -- (the caller decides); a rate-limited request does not use up capacity.
+--
+-- The failed-authentication throttle guards what costs a lookup or proves a
+-- guess wrong, never a key that works: a valid cached key passes whatever
+-- its address's neighbours did (a shared NAT is not locked out). A cache
+-- miss reserves a failure slot *before* the caller's database lookup (so a
+-- burst of unknown keys costs at most the budget in lookups), once per key
+-- hash while its lookup is pending (concurrent misses of one key share the
+-- lookup and the slot), and the re-check after the fill gives it back when
+-- the key turned out valid.
 
 -- (gcra.lua is prepended: it defines `now` and gcra())
 
-local function check(prefix, key_hash, ip_hex, day, anon_per_day, fails_per_min)
-  local function fail_auth()
-    gcra(prefix .. ':authfail:' .. ip_hex, fails_per_min, 60000, true)
+local function check(prefix, key_hash, ip_hex, bucket, day, anon_per_day, fails_per_min, after)
+  local filled, reserved = after ~= '0', after == 'r'
+  if reserved then  -- this caller's lookup is done
+    redis.call('DEL', prefix .. ':lookup:' .. key_hash .. ':' .. bucket)
+  end
+  local fails_key = prefix .. ':authfail:' .. bucket
+  local function throttled()
+    local ok_f, _, _, retry_f = gcra(fails_key, fails_per_min, 60000, false)
+    if ok_f then return nil end
+    return {'auth_throttled', '', fails_per_min, 0, retry_f, retry_f, 0, -1}
+  end
+  -- a key that does not work: counted, unless the miss before the fill reserved it
+  local function refused()
+    if not reserved then
+      local t = throttled()
+      if t then return t end
+      gcra(fails_key, fails_per_min, 60000, true)
+    end
+    return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
   end
 
   -- is ip_hex inside network (hex, prefix length)?
@@ -34,39 +62,50 @@ local function check(prefix, key_hash, ip_hex, day, anon_per_day, fails_per_min)
     return math.floor(a / div) == math.floor(b / div)
   end
 
-  -- 1. an IP that failed authentication too often is throttled outright
-  local fails_key = prefix .. ':authfail:' .. ip_hex
-  local ok_f, _, _, retry_f = gcra(fails_key, fails_per_min, 60000, false)
-  if not ok_f then
-    return {'auth_throttled', '', fails_per_min, 0, retry_f, retry_f, 0, -1}
-  end
-
-  -- a key that failed its checksum at the edge: count the failure, nothing else
-  if key_hash == '!' then
-    fail_auth()
-    return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
-  end
-
-  -- 2. anonymous: per-IP daily allowance
+  -- 1. anonymous: a daily allowance per bucket
   if key_hash == '' then
-    local ok, remaining, reset, retry = gcra(prefix .. ':rl:anon:' .. ip_hex, anon_per_day, 86400000, true)
+    local ok, remaining, reset, retry = gcra(prefix .. ':rl:anon:' .. bucket, anon_per_day, 86400000, true)
     return {ok and 'anon_ok' or 'anon_limited', '', anon_per_day, remaining, reset, retry, 0, -1}
+  end
+
+  -- 2. a key that failed its checksum at the edge: a failure, no lookup
+  if key_hash == '!' then
+    return refused()
   end
 
   -- 3. identity from the cache; the caller fills it on a miss
   local raw = redis.call('GET', prefix .. ':key:' .. key_hash)
   if not raw then
-    return {'miss', '', 0, 0, 0, 0, 0, -1}
+    if filled then  -- the fill did not land (a newer change won meanwhile): retry later
+      return {'miss', '', 0, 0, 0, 0, 0, -1}
+    end
+    local pending = prefix .. ':lookup:' .. key_hash .. ':' .. bucket
+    if not redis.call('SET', pending, '1', 'NX', 'PX', 5000) then
+      return {'miss', '', 0, 0, 0, 0, 0, -1}  -- its lookup is under way: share its slot
+    end
+    local ok_f, _, _, retry_f = gcra(fails_key, fails_per_min, 60000, true)
+    if not ok_f then
+      redis.call('DEL', pending)
+      return {'auth_throttled', '', fails_per_min, 0, retry_f, retry_f, 0, -1}
+    end
+    return {'miss', 'r', 0, 0, 0, 0, 0, -1}
   end
   if raw == '-' then
-    fail_auth()
-    return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
+    return refused()
   end
   local id = cjson.decode(raw)
   if (id.expires_at ~= cjson.null and id.expires_at * 1000 <= now)
       or (id.status == 'rotating' and id.rotates_at ~= cjson.null and id.rotates_at * 1000 <= now) then
-    fail_auth()
-    return {'unauthorized', '', 0, 0, 0, 0, 0, -1}
+    return refused()
+  end
+  if reserved then  -- the key works: give back the slot its miss reserved
+    local tat = tonumber(redis.call('GET', fails_key) or '0')
+    local back = tat - 60000 / fails_per_min
+    if back > now then
+      redis.call('SET', fails_key, back, 'PX', math.ceil(back - now) + 1000)
+    else
+      redis.call('DEL', fails_key)
+    end
   end
 
   -- 4. IP allowlist: entries are "hex/bits", precomputed when the cache was filled
@@ -82,7 +121,7 @@ local function check(prefix, key_hash, ip_hex, day, anon_per_day, fails_per_min)
     if not inside then
       -- refused, but still limited per key and client address: a leaked key
       -- used from outside its allowlist cannot flood through its 403s
-      local ok_x, _, _, retry_x = gcra(prefix .. ':rl:forbidden:' .. id.key_id .. ':' .. ip_hex,
+      local ok_x, _, _, retry_x = gcra(prefix .. ':rl:forbidden:' .. id.key_id .. ':' .. bucket,
                                        id.rate_limit_per_minute, 60000, true)
       if not ok_x then
         return {'forbidden_throttled', raw, 0, 0, 0, retry_x, 0, -1}
@@ -118,8 +157,8 @@ end
 
 local n, out = tonumber(ARGV[1]), {}
 for i = 0, n - 1 do
-  local b = 1 + i * 6
-  out[i + 1] = check(ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4],
-                     tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]))
+  local b = 1 + i * 8
+  out[i + 1] = check(ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5],
+                     tonumber(ARGV[b + 6]), tonumber(ARGV[b + 7]), ARGV[b + 8])
 end
 return out
