@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -36,7 +37,14 @@ from metering.accounts.model import Identity
 from metering.edge.guard import Decision, EdgeGuard
 from metering.edge.producer import UsageProducer
 from metering.errors import InvalidEventError
-from metering.events import HTTP_METHODS, MAX_UNITS, UsageEvent, is_ip, parse_uuid
+from metering.events import (
+    HTTP_METHODS,
+    MAX_ENDPOINT_LEN,
+    MAX_UNITS,
+    UsageEvent,
+    is_ip,
+    parse_uuid,
+)
 
 try:  # FastAPI/Starlette are optional: only the dependencies below need them
     from starlette.requests import Request
@@ -225,7 +233,7 @@ class MeteringMiddleware:
             return
         identity = decision.identity
         route = scope.get("route")
-        endpoint = getattr(route, "path", None) or scope.get("path") or "/"
+        endpoint = safe_endpoint(getattr(route, "path", None) or scope.get("path") or "/")
         method = scope.get("method", "GET")
         state = scope.get("state", {})
         if decision.status is not None:
@@ -239,7 +247,7 @@ class MeteringMiddleware:
             occurred_at=datetime.now(UTC),
             user_id=parse_uuid(identity.user_id) if identity else None,
             api_key_id=parse_uuid(identity.key_id) if identity else None,
-            endpoint=endpoint[:1024] or "/",
+            endpoint=endpoint,
             method=method if method in HTTP_METHODS else "GET",
             status_code=status if 100 <= status <= 599 else 500,
             response_time_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -252,6 +260,18 @@ class MeteringMiddleware:
             self.producer.emit(event)
         except InvalidEventError as exc:
             log.warning("usage event not emitted: %s", exc)
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def safe_endpoint(path: str) -> str:
+    """A path any client sent, as a valid event's endpoint: control characters
+    (NUL included) percent-encoded, lone surrogates replaced, at most
+    MAX_ENDPOINT_LEN characters; never empty."""
+    if _UNSAFE.search(path):
+        path = _UNSAFE.sub(lambda m: f"%{ord(m[0]):02X}" if ord(m[0]) < 0x80 else "\ufffd", path)
+    return path[:MAX_ENDPOINT_LEN] or "/"
 
 
 # -- FastAPI dependencies -------------------------------------------------------

@@ -31,6 +31,7 @@ from metering.accounts import store as accounts
 from metering.settings import Settings
 from metering.usage.counters import DailyTotal, UsageCounters
 from tests.integration.conftest import eventually, listening_socket
+from tests.integration.test_worker_faults import dlq_size
 
 PEPPER = "test-pepper"
 ISSUED: list[str] = []  # every plaintext key made in this module: must never reach a log
@@ -512,6 +513,10 @@ async def test_events_for_every_request_land_in_usage_logs(
     r = await client.post(f"{srv.url}/v1/items", headers=hdr(key, ip))
     assert r.status_code == 403
     expected[403] += 1
+    # a NUL in the raw path (no route matches) still makes a valid event, not a dead letter
+    r = await client.get(f"{srv.url}/v1/%00nul", headers=hdr(key, ip))
+    assert r.status_code == 404
+    expected[404] = 1
     # the app weights /v1/batch at 10 units (request.state.metering_units)
     wkey, winfo = await make_key(db, user, scopes=["items:write"])
     r = await client.post(f"{srv.url}/v1/batch", headers=hdr(wkey, ip))
@@ -551,7 +556,7 @@ async def test_events_for_every_request_land_in_usage_logs(
         else:
             assert row["user_id"] == user.id and row["api_key_id"] == info.id
         # served requests carry their weight; rejected ones bill nothing
-        want_units = 0 if row["status_code"] >= 400 else 10 if row["endpoint"] == "/v1/batch" else 1
+        want_units = 0 if row["rejected"] else 10 if row["endpoint"] == "/v1/batch" else 1
         assert row["units"] == want_units, dict(row)
         # and say why they were refused
         want_rejected = {401: {"missing_key", "unauthorized"}, 403: {"missing_scope"}}
@@ -560,7 +565,13 @@ async def test_events_for_every_request_land_in_usage_logs(
         else:
             assert row["rejected"] is None, dict(row)
     assert by_status == expected
-    assert {r["endpoint"] for r in rows} >= {"/v1/search", "/v1/items/{item_id}", "/v1/items"}
+    assert {r["endpoint"] for r in rows} >= {
+        "/v1/search",
+        "/v1/items/{item_id}",
+        "/v1/items",
+        "/v1/%00nul",
+    }
+    assert await dlq_size(kafka_settings) == 0
 
 
 async def test_a_leaked_allowlisted_key_cannot_burn_its_owners_quota(

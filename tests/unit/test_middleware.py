@@ -17,3 +17,25 @@ def test_forwarded_for_is_read_from_the_right_behind_trusted_proxies():
     assert ip("198.51.100.1", "203.0.113.9") == "198.51.100.1"  # untrusted peer: ignored
     assert ip("10.0.0.5", "garbage") == "10.0.0.5"
     assert ip("10.0.0.5", None) == "10.0.0.5"
+
+
+def test_any_path_makes_a_valid_endpoint():
+    from metering.edge.middleware import safe_endpoint
+    from metering.events import MAX_ENDPOINT_LEN, UsageEvent
+
+    assert safe_endpoint("/v1/items/{item_id}") == "/v1/items/{item_id}"
+    assert safe_endpoint("/v1/\x00nul\r\n") == "/v1/%00nul%0D%0A"
+    assert safe_endpoint("/bad/\ud800") == "/bad/\ufffd"
+    assert safe_endpoint("") == "/"
+    long = safe_endpoint("/" + "a" * 5000)
+    assert len(long) == MAX_ENDPOINT_LEN
+    for path in ("/v1/\x00", "/\ud800\udfff", long):
+        UsageEvent.new(  # validates like the stream does
+            user_id=None,
+            api_key_id=None,
+            endpoint=safe_endpoint(path),
+            method="GET",
+            status_code=404,
+            response_time_ms=1.0,
+            client_ip="192.0.2.1",
+        ).to_json()
