@@ -98,20 +98,24 @@ class MeteringMiddleware:
         self.app = app
         self.guard = guard
         self.producer = producer
-        self.anonymous_paths = tuple(anonymous_paths)
-        self.exempt_paths = tuple(exempt_paths)  # not checked, not metered (health probes)
+        # whole path segments: "/health" covers "/health" and "/health/live",
+        # never "/healthcare"
+        self.anonymous_paths = tuple(p.rstrip("/") or "/" for p in anonymous_paths)
+        self.exempt_paths = tuple(
+            p.rstrip("/") or "/" for p in exempt_paths
+        )  # not checked, not metered
         self.allow_query_key = allow_query_key
         self.query_param = query_param
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt_paths or ("\0",)):
+        if scope["type"] != "http" or under(scope["path"], self.exempt_paths):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
         client_ip = self._client_ip(scope)
         key = self._extract_key(scope)
-        if key is None and not scope["path"].startswith(self.anonymous_paths or ("\0",)):
+        if key is None and not under(scope["path"], self.anonymous_paths):
             decision = Decision(401, "missing_key")
             self.guard.stats.rejected["missing_key"] += 1
         else:
@@ -213,8 +217,9 @@ class MeteringMiddleware:
         for name, value in scope.get("headers", []):
             if name == b"x-forwarded-for":
                 hops += [h.strip() for h in value.decode("latin-1").split(",")]
-        for hop in reversed(hops):
-            if not is_ip(hop):
+        for entry in reversed(hops):
+            hop = hop_address(entry)
+            if hop is None:
                 break
             if not self._trusted(hop):
                 return hop
@@ -260,6 +265,30 @@ class MeteringMiddleware:
             self.producer.emit(event)
         except InvalidEventError as exc:
             log.warning("usage event not emitted: %s", exc)
+
+
+def under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Is ``path`` one of ``prefixes`` or below one, segment by segment?"""
+    for p in prefixes:
+        if p == "/" or path == p or path.startswith(p + "/"):
+            return True
+    return False
+
+
+def hop_address(entry: str) -> str | None:
+    """The address in one X-Forwarded-For entry: ``ip``, ``ip:port``,
+    ``[v6]`` or ``[v6]:port``; None when it is none of those."""
+    if entry.startswith("["):
+        host, sep, rest = entry[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        entry = host
+    elif entry.count(":") == 1:  # IPv4 with a port (a bare IPv6 has several colons)
+        host, _, port = entry.partition(":")
+        if not port.isdigit():
+            return None
+        entry = host
+    return entry if is_ip(entry) else None
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")

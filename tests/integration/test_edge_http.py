@@ -672,6 +672,23 @@ async def test_a_burst_of_unknown_keys_costs_at_most_the_budget_in_lookups(serve
         assert r.status_code == 401
 
 
+async def test_forwarded_addresses_with_ports_and_whole_path_segments(servers, client, db):
+    srv = await servers()
+    user = await make_user(db, "pro")
+    key, _ = await make_key(db, user, ip_allowlist=["198.51.100.9/32", "2001:db8:9::5/128"])
+    for forwarded in ("198.51.100.9:51234", "[2001:db8:9::5]:443", "[2001:db8:9::5]"):
+        r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, forwarded))
+        assert r.status_code == 200, (forwarded, r.status_code)
+    # not an address in any form: the proxy's own address is used (outside the allowlist)
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, "198.51.100.9:port"))
+    assert r.status_code == 403
+    # exempt "/health" and anonymous "/public" cover whole segments only
+    assert (await client.get(f"{srv.url}/health")).status_code == 200
+    for path in ("/healthcare/records", "/publicity"):
+        r = await client.get(f"{srv.url}{path}", headers=hdr(None))
+        assert r.status_code == 401, path
+
+
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         f"METERING_{f.upper()}": str(getattr(settings, f)) for f in settings.__dataclass_fields__

@@ -39,3 +39,18 @@ def test_any_path_makes_a_valid_endpoint():
             response_time_ms=1.0,
             client_ip="192.0.2.1",
         ).to_json()
+
+
+def test_forwarded_entries_and_path_segments():
+    from metering.edge.middleware import hop_address, under
+
+    assert hop_address("203.0.113.5") == "203.0.113.5"
+    assert hop_address("203.0.113.5:8080") == "203.0.113.5"
+    assert hop_address("2001:db8::1") == "2001:db8::1"
+    assert hop_address("[2001:db8::1]:443") == "2001:db8::1"
+    assert hop_address("[2001:db8::1]") == "2001:db8::1"
+    for bad in ("unknown", "203.0.113.5:http", "[2001:db8::1]x", "[nope]:1", "_hidden"):
+        assert hop_address(bad) is None, bad
+    assert under("/health", ("/health",)) and under("/health/live", ("/health",))
+    assert not under("/healthcare", ("/health",)) and not under("/x", ())
+    assert under("/anything", ("/",))
