@@ -40,7 +40,10 @@ class RateLimiter:
         await self._script.aclose()
 
     async def hit(self, key: str, *, limit: int, period_s: float, cost: int = 1) -> LimitResult:
-        """Consume one request from ``key``'s bucket if it is allowed."""
+        """Consume ``cost`` requests' worth from ``key``'s bucket if they fit now
+        (all or nothing)."""
+        if type(cost) is not int or not 1 <= cost <= limit:
+            raise ValueError(f"cost must be an integer between 1 and the limit ({limit})")
         return await self._check(key, limit, period_s, cost)
 
     async def peek(self, key: str, *, limit: int, period_s: float) -> LimitResult:
@@ -48,10 +51,12 @@ class RateLimiter:
         return await self._check(key, limit, period_s, 0)
 
     async def _check(self, key: str, limit: int, period_s: float, cost: int) -> LimitResult:
-        if limit < 1 or period_s <= 0:
-            raise ValueError("limit must be >= 1 and period > 0")
+        if type(limit) is not int or limit < 1:
+            raise ValueError("limit must be an integer >= 1")
+        if not isinstance(period_s, int | float) or isinstance(period_s, bool) or period_s < 0.001:
+            raise ValueError("period must be at least 1 ms")  # Redis time has ms resolution
         allowed, remaining, reset_ms, retry_ms = await self._script(
-            [f"{self._prefix}:{key}", limit, int(period_s * 1000), 1 if cost else 0]
+            [f"{self._prefix}:{key}", limit, round(period_s * 1000), cost]
         )
         return LimitResult(
             bool(allowed), limit, int(remaining), int(reset_ms) / 1000, int(retry_ms) / 1000

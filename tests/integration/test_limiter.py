@@ -77,3 +77,24 @@ async def test_a_bad_key_fails_its_own_check_and_no_other(limiter):
     assert [r.allowed for r in results[:5]] == [False] * 5
     assert isinstance(results[5], DataError)
     assert [r.allowed for r in results[6:]] == [True] * 5
+
+
+async def test_cost_is_honoured_and_bad_arguments_refused(limiter):
+    r = await limiter.hit("c", limit=10, period_s=60, cost=4)
+    assert r.allowed and r.remaining == 6
+    assert not (await limiter.hit("c", limit=10, period_s=60, cost=7)).allowed  # all or nothing
+    r = await limiter.hit("c", limit=10, period_s=60, cost=6)
+    assert r.allowed and r.remaining == 0
+    assert not (await limiter.peek("c", limit=10, period_s=60)).allowed
+    for kwargs in (
+        {"cost": 11},
+        {"cost": 0},
+        {"cost": True},
+        {"cost": 2.5},
+        {"period_s": 0.0004},
+        {"limit": 0},
+        {"limit": 1.5},
+    ):
+        args = {"limit": 10, "period_s": 60, **kwargs}
+        with pytest.raises(ValueError):
+            await limiter.hit("d", **args)  # type: ignore[arg-type]

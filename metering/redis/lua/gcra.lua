@@ -6,13 +6,14 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- GCRA: `limit` requests per `period_ms`, bursts up to `limit`.
+-- GCRA: `limit` requests per `period_ms`, bursts up to `limit`; a request
+-- weighs `cost` (default 1) of them. Without `consume` nothing is used up.
 -- Returns allowed, remaining, reset_ms (until the bucket is full again), retry_after_ms.
-local function gcra(key, limit, period_ms, consume)
+local function gcra(key, limit, period_ms, consume, cost)
   local interval = period_ms / limit
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
-  local new_tat = tat + interval
+  local new_tat = tat + interval * (cost or 1)
   local allow_at = new_tat - period_ms
   if allow_at > now then
     return false, 0, math.ceil(tat - now), math.ceil(allow_at - now)
