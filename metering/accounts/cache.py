@@ -40,8 +40,14 @@ _SET = load_source("identity_cache", with_gcra=False)
 _RELEASE = load_source("identity_release", with_gcra=False)
 
 
+# The cached identity's format. It is part of the entry's name (edge_check.lua
+# reads "<prefix>:id1:<hash>"): a release that changes the fields changes the
+# name, so an edge never parses an entry written in another format.
+ENTRY_FORMAT = "id1"
+
+
 def entry_key(prefix: str, key_hash: str) -> str:
-    return f"{prefix}:key:{key_hash}"
+    return f"{prefix}:{ENTRY_FORMAT}:{key_hash}"
 
 
 def version_key(prefix: str, key_hash: str) -> str:

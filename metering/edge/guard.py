@@ -21,6 +21,7 @@ the key against PostgreSQL, skips limits and quotas, logs and counts;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -36,7 +37,7 @@ from redis.exceptions import RedisError
 
 from metering import keys
 from metering.accounts import store
-from metering.accounts.cache import IdentityCache
+from metering.accounts.cache import IdentityCache, entry_key
 from metering.accounts.model import Identity
 from metering.addresses import allowed, bucket_hex, ip_hex
 from metering.redis.scripts import CoalescingScript, load_source
@@ -44,6 +45,10 @@ from metering.redis.scripts import CoalescingScript, load_source
 log = logging.getLogger(__name__)
 
 DOWN_LOG_EVERY_S = 10
+
+
+class UnreadableEntry(Exception):
+    """A cached identity this release cannot read (written by another one)."""
 
 
 class LookupsBusy(Exception):
@@ -180,7 +185,14 @@ class EdgeGuard:
                 result = await self._eval(args)
         except (RedisError, OSError) as exc:
             return await self._redis_down(exc, key_hash, client_ip)
-        decision = self._decide(result, today)
+        try:
+            decision = self._decide(result, today)
+        except UnreadableEntry as exc:
+            # never a 500: drop the entry (the next request refills it) and retry
+            log.warning("unreadable cached identity dropped (%s)", exc)
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.delete(entry_key(self._prefix, key_hash))
+            return Decision(503, "unavailable", headers=[("Retry-After", "1")])
         if decision.status is not None:
             self.stats.rejected[decision.reason] += 1
         if decision.shadowed:
@@ -262,12 +274,16 @@ class EdgeGuard:
         raise RuntimeError(f"unexpected edge script answer {code!r}")
 
     def _identity(self, raw: bytes) -> Identity:
-        """Parse a cached identity; parsed forms are memoised by their exact bytes."""
+        """Parse a cached identity; parsed forms are memoised by their exact bytes.
+        :class:`UnreadableEntry` if it does not have this release's fields."""
         found = self._parsed.get(raw)
         if found is None:
-            data = json.loads(raw)
-            data.pop("allow_hex", None)
-            found = Identity(**data)
+            try:
+                data = json.loads(raw)
+                data.pop("allow_hex", None)
+                found = Identity(**data)
+            except (ValueError, TypeError) as exc:
+                raise UnreadableEntry(str(exc)) from exc
             if len(self._parsed) >= 10_000:
                 self._parsed.clear()
             self._parsed[raw] = found

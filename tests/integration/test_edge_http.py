@@ -6,6 +6,7 @@ loopback as a proxy) so per-IP limits of one test don't touch another."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 import sys
@@ -687,6 +688,25 @@ async def test_forwarded_addresses_with_ports_and_whole_path_segments(servers, c
     for path in ("/healthcare/records", "/publicity"):
         r = await client.get(f"{srv.url}{path}", headers=hdr(None))
         assert r.status_code == 401, path
+
+
+async def test_a_cached_entry_this_release_cannot_read_is_never_a_500(
+    servers, client, db, redis_client, edge_settings
+):
+    from metering.accounts.cache import entry_key
+
+    srv = await servers()
+    user = await make_user(db, "pro")
+    key, info = await make_key(db, user)
+    ip = next_ip()
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 200
+    name = entry_key(edge_settings.redis_key_prefix, info.key_hash)
+    entry = json.loads(await redis_client.get(name))
+    entry["added_by_a_later_release"] = 1  # same format name, fields this edge does not know
+    await redis_client.set(name, json.dumps(entry), ex=60)
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 200
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
