@@ -131,6 +131,7 @@ def start_server(factory: str, port: int, env: dict[str, str]) -> subprocess.Pop
             "--port",
             str(port),
             "--no-access-log",
+            "--no-proxy-headers",
             "--log-level",
             "warning",
         ],

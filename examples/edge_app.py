@@ -1,6 +1,10 @@
 """An example FastAPI service metered by the metering middleware.
 
-    uvicorn examples.edge_app:app --port 8000
+    uvicorn examples.edge_app:app --port 8000 --no-proxy-headers
+
+``--no-proxy-headers``: uvicorn would otherwise believe X-Forwarded-For from
+127.0.0.1 and rewrite the client address before the middleware sees it;
+``METERING_TRUSTED_PROXIES`` must be the only setting that decides.
 
 Routes: ``/health`` and ``/metrics`` (not metered), ``/public/status`` (anonymous allowed,
 50/day per IP), ``/v1/search`` (any valid key), ``/v1/items/{id}`` (scope

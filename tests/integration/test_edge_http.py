@@ -128,6 +128,7 @@ class Server:
             log_level="debug",
             access_log=True,
             log_config=None,  # leave logging alone: its records reach the root trap
+            proxy_headers=False,  # as documented: only METERING_TRUSTED_PROXIES decides
             lifespan="on",
         )
         self.server = uvicorn.Server(config)
@@ -707,6 +708,18 @@ async def test_a_cached_entry_this_release_cannot_read_is_never_a_500(
     r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 200
+
+
+async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(
+    servers, client, db, edge_settings
+):
+    """Run as documented (uvicorn without proxy headers), an empty
+    METERING_TRUSTED_PROXIES means the header decides nothing."""
+    srv = await servers(replace(edge_settings, trusted_proxies=""))
+    user = await make_user(db, "pro")
+    key, _ = await make_key(db, user, ip_allowlist=["198.51.100.50/32"])
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, "198.51.100.50"))
+    assert r.status_code == 403  # the client is 127.0.0.1, whatever it claims
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
