@@ -72,6 +72,7 @@ class EdgeStats:
     checks: int = 0
     cache_misses: int = 0
     lookups: int = 0  # PostgreSQL lookups made for cache misses (concurrent misses share one)
+    db_failures: int = 0  # lookups PostgreSQL could not answer (503)
     redis_failures: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
     shadowed: Counter[str] = field(default_factory=Counter)  # let through by shadow mode, by reason
@@ -121,6 +122,7 @@ class EdgeGuard:
         self._last_used: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._down_logged_at = -float(DOWN_LOG_EVERY_S)
+        self._db_down_logged_at = -float(DOWN_LOG_EVERY_S)
         self.stats = EdgeStats()
 
     @property
@@ -177,7 +179,7 @@ class EdgeGuard:
                     await self._fill_cache(key_hash)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as db_exc:
                     # Redis works but the key cannot be looked up: say "try again".
-                    log.error("PostgreSQL unavailable for a key lookup (%s): 503", db_exc)
+                    self._db_down("PostgreSQL unavailable for a key lookup", db_exc)
                     return Decision(503, "unavailable", headers=[("Retry-After", "5")])
                 except LookupsBusy:
                     return Decision(503, "unavailable", headers=[("Retry-After", "1")])
@@ -313,7 +315,7 @@ class EdgeGuard:
             async with self._pool.acquire() as conn:
                 identity, _ = await store.lookup_identity(conn, key_hash)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as db_exc:
-            log.error("PostgreSQL unavailable too (%s): 503", db_exc)
+            self._db_down("PostgreSQL unavailable too (Redis is down)", db_exc)
             return Decision(503, "unavailable", headers=[("Retry-After", "5")])
         now = time.time()
         if (
@@ -329,6 +331,20 @@ class EdgeGuard:
         if identity.ip_allowlist and not allowed(client_ip, identity.ip_allowlist):
             return Decision(403, "forbidden_ip", identity, degraded=True)
         return Decision(None, "ok", identity, degraded=True)
+
+    def _db_down(self, what: str, exc: BaseException) -> None:
+        """A line per interval with a count, not one per request."""
+        self.stats.db_failures += 1
+        now = time.monotonic()
+        if now - self._db_down_logged_at >= DOWN_LOG_EVERY_S:
+            self._db_down_logged_at = now
+            log.error(
+                "%s (%s): uncached keys get 503 (%d so far; next report in %ds at the earliest)",
+                what,
+                exc,
+                self.stats.db_failures,
+                DOWN_LOG_EVERY_S,
+            )
 
     async def _eval(self, args: Sequence[str]) -> list[Any]:
         result: list[Any] = await self._script(args)
