@@ -17,6 +17,7 @@ from metering.errors import InputError
 SCOPE = re.compile(r"^[a-z][a-z0-9_.:*-]{0,63}$")
 TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 LIMIT_MODES = ("enforce", "shadow")
+LIMIT_SCOPES = ("user", "key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class Tier:
     price_monthly: Decimal
     limits_mode: str
     features: dict[str, Any]
+    rate_limit_scope: str = "user"  # user: one bucket per user; key: per key lineage
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class Identity:
     daily_quota: int | None
     rate_limit_per_minute: int
     limits_mode: str  # effective: the key's, else the tier's
+    limit_key: str  # whose per-minute bucket: "user:<id>", or "key:<lineage>" per the tier
 
     def to_json(self) -> str:
         return json.dumps(

@@ -149,6 +149,7 @@ class AccountsService:
         rate_limit_per_minute: int,
         price_monthly: Decimal = Decimal(0),
         limits_mode: str = "enforce",
+        rate_limit_scope: str = "user",
     ) -> Tier:
         return await self._read(
             lambda c: store.create_tier(
@@ -158,6 +159,7 @@ class AccountsService:
                 rate_limit_per_minute=rate_limit_per_minute,
                 price_monthly=price_monthly,
                 limits_mode=limits_mode,
+                rate_limit_scope=rate_limit_scope,
             )
         )
 

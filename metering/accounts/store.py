@@ -21,6 +21,7 @@ import asyncpg
 
 from metering.accounts.model import (
     LIMIT_MODES,
+    LIMIT_SCOPES,
     TIER_NAME,
     Identity,
     KeyInfo,
@@ -80,6 +81,7 @@ def _tier(r: asyncpg.Record) -> Tier:
         r["price_monthly"],
         r["limits_mode"],
         json.loads(features) if isinstance(features, str) else dict(features),
+        r["rate_limit_scope"],
     )
 
 
@@ -95,7 +97,10 @@ async def create_tier(
     rate_limit_per_minute: int,
     price_monthly: Decimal = Decimal(0),
     limits_mode: str = "enforce",
+    rate_limit_scope: str = "user",
 ) -> Tier:
+    if rate_limit_scope not in LIMIT_SCOPES:
+        raise InputError(f"rate limit scope must be one of {', '.join(LIMIT_SCOPES)}")
     if not TIER_NAME.match(name):
         raise InputError(f"tier name {name!r}: lower-case letters, digits, - and _ (max 32)")
     if daily_quota is not None and daily_quota < 1:
@@ -106,7 +111,13 @@ async def create_tier(
         raise InputError(f"limits mode must be one of {', '.join(LIMIT_MODES)}")
     try:
         row = await conn.fetchrow(
-            Q_CREATE_TIER, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode
+            Q_CREATE_TIER,
+            name,
+            daily_quota,
+            rate_limit_per_minute,
+            price_monthly,
+            limits_mode,
+            rate_limit_scope,
         )
     except asyncpg.UniqueViolationError:
         raise InputError(f"tier {name!r} already exists") from None
@@ -299,6 +310,7 @@ async def lookup_identity(conn: asyncpg.Connection, key_hash: str) -> tuple[Iden
         daily_quota=r["daily_quota"],
         rate_limit_per_minute=r["rate_limit_per_minute"],
         limits_mode=r["limits_mode"],
+        limit_key=r["limit_key"],
     )
     return identity, r["version"]
 

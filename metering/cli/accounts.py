@@ -28,6 +28,12 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     tc.add_argument("--price", type=decimal, default=Decimal(0), help="monthly base price")
     tc.add_argument("--shadow", action="store_true", help="compute limits but do not enforce them")
+    tc.add_argument(
+        "--limit-per",
+        choices=["user", "key"],
+        default="user",
+        help="share the per-minute limit among a user's keys (default) or give each key its own",
+    )
     tm = tsub.add_parser("set-mode", help="enforce or shadow the tier's limits")
     tm.add_argument("name")
     tm.add_argument("mode", choices=["enforce", "shadow"])
@@ -115,11 +121,12 @@ def cmd_tiers(args: argparse.Namespace, settings: Settings) -> int:
         tiers = run(settings, lambda s: s.list_tiers())
         table(
             "tiers",
-            ["name", "per minute", "daily quota", "price/month", "limits"],
+            ["name", "per minute", "per", "daily quota", "price/month", "limits"],
             [
                 (
                     t.name,
                     t.rate_limit_per_minute,
+                    t.rate_limit_scope,
                     t.daily_quota or "unlimited",
                     t.price_monthly,
                     t.limits_mode,
@@ -136,6 +143,7 @@ def cmd_tiers(args: argparse.Namespace, settings: Settings) -> int:
                 rate_limit_per_minute=args.rate_limit,
                 price_monthly=args.price,
                 limits_mode="shadow" if args.shadow else "enforce",
+                rate_limit_scope=args.limit_per,
             ),
         )
         print(f"created tier {tier.name}")

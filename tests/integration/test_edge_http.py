@@ -390,7 +390,8 @@ async def test_shadow_mode_reports_but_does_not_reject(servers, client, db):
     assert srv.guard.stats.shadowed["rate_limited"] == 2
     # the tier can be shadowed too
     await accounts.set_tier_limits_mode(db, "free", "shadow")
-    key2, _ = await make_key(db, user)
+    other = await make_user(db, "free")  # limits are per user: a fresh bucket
+    key2, _ = await make_key(db, other)
     tier_shadowed = [
         await client.get(f"{srv.url}/v1/search", headers=hdr(key2, ip)) for _ in range(12)
     ]
@@ -725,6 +726,34 @@ async def test_forwarded_for_is_ignored_unless_the_proxy_is_trusted(
     key, _ = await make_key(db, user, ip_allowlist=["198.51.100.50/32"])
     r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, "198.51.100.50"))
     assert r.status_code == 403  # the client is 127.0.0.1, whatever it claims
+
+
+async def test_limits_are_per_user_and_survive_rotation(servers, client, db, service):
+    srv = await servers()
+    user = await make_user(db, "free")  # 10 a minute, per user
+    a, _ = await make_key(db, user)
+    b, _ = await make_key(db, user)
+    ip = next_ip()
+    statuses = [
+        (await client.get(f"{srv.url}/v1/search", headers=hdr(k, ip))).status_code
+        for k in [a] * 6 + [b] * 5
+    ]
+    assert statuses == [200] * 10 + [429]  # two keys, one budget
+    # a tier may give each key its own budget; a rotation's successor inherits it
+    await service.create_tier(
+        name="perkey", daily_quota=None, rate_limit_per_minute=3, rate_limit_scope="key"
+    )
+    owner = await make_user(db, "perkey")
+    c, c_info = await make_key(db, owner)
+    d, _ = await make_key(db, owner)
+    assert [
+        (await client.get(f"{srv.url}/v1/search", headers=hdr(c, ip))).status_code for _ in range(4)
+    ] == [200, 200, 200, 429]
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(d, ip))).status_code == 200
+    new, _, _ = await service.rotate_key(c_info.prefix)
+    ISSUED.append(new.plaintext)
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(new.plaintext, ip))
+    assert r.status_code == 429  # rotating does not reset the limit
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

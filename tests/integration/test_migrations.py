@@ -36,6 +36,7 @@ MIGRATIONS = [
     (5, "pipeline_hardening"),
     (6, "key_versions"),
     (7, "rejected"),
+    (8, "limit_scope"),
 ]
 
 
@@ -211,3 +212,35 @@ async def test_the_retention_cutoff_is_exact(db):
         gone = await db.fetch("SELECT drop_expired_usage_logs_partitions($1::interval)", age)
         assert [r[0] for r in gone] == [old.name]
         assert old.name not in await partitions(db)
+
+
+async def test_0008_gives_existing_rotation_chains_their_lineage(empty_db, tmp_path):
+    folder = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, folder)
+    later = folder / "0008_limit_scope.sql"
+    held_back = later.read_text()
+    later.unlink()
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await migrate(conn, folder)  # 0001-0007
+        uid = await conn.fetchval(
+            "INSERT INTO users (email, tier_id) VALUES ('l@example.com', 1) RETURNING id"
+        )
+        ids = []
+        for n in range(3):  # a chain: k0 <- k1 <- k2
+            ids.append(
+                await conn.fetchval(
+                    "INSERT INTO api_keys (user_id, prefix, key_hash, rotated_from)"
+                    " VALUES ($1, $2, $3, $4) RETURNING id",
+                    uid,
+                    f"mk_live_{n:08d}",
+                    f"hash{n}",
+                    ids[-1] if ids else None,
+                )
+            )
+        later.write_text(held_back)
+        await migrate(conn, folder)
+        rows = await conn.fetch("SELECT id, lineage_id FROM api_keys ORDER BY prefix")
+        assert [r["lineage_id"] for r in rows] == [None, ids[0], ids[0]]
+    finally:
+        await conn.close()

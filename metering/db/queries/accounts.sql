@@ -4,15 +4,19 @@
 
 -- name: list_tiers
 -- Every tier, oldest first.
-SELECT id, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode, features
+SELECT id, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode, features,
+       rate_limit_scope
 FROM access_tiers
 ORDER BY id;
 
 -- name: create_tier
--- A new tier ($1 name, $2 daily quota or NULL, $3 per minute, $4 price, $5 limits mode).
-INSERT INTO access_tiers (name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode)
-VALUES ($1, $2, $3, $4, $5)
-RETURNING id, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode, features;
+-- A new tier ($1 name, $2 daily quota or NULL, $3 per minute, $4 price, $5 limits mode,
+-- $6 rate limit scope: user or key).
+INSERT INTO access_tiers (name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode,
+                          rate_limit_scope)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mode, features,
+          rate_limit_scope;
 
 -- name: set_tier_limits_mode
 -- enforce or shadow for a whole tier ($1 name, $2 mode).
@@ -61,9 +65,11 @@ RETURNING key_hash, version;
 
 -- name: insert_key
 -- A new key; only its hash is stored.
+-- A rotation's successor ($10 = the key it replaces) joins its lineage.
 INSERT INTO api_keys (user_id, name, prefix, key_hash, environment, scopes, ip_allowlist,
-                      expires_at, limits_mode, rotated_from)
-VALUES ($1, $2, $3, $4, $5, $6, $7::cidr[], $8, $9, $10)
+                      expires_at, limits_mode, rotated_from, lineage_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7::cidr[], $8, $9, $10,
+        (SELECT coalesce(p.lineage_id, p.id) FROM api_keys p WHERE p.id = $10))
 RETURNING id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
           status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
           key_hash;
@@ -126,7 +132,9 @@ INSERT INTO api_key_events (api_key_id, action, detail) VALUES ($1, $2, $3::json
 SELECT k.id, k.user_id, k.prefix, k.status, k.version, k.expires_at, k.rotates_at, k.scopes,
        k.ip_allowlist::text[] AS ip_allowlist,
        coalesce(k.limits_mode, t.limits_mode) AS limits_mode,
-       u.status AS user_status, t.name AS tier, t.daily_quota, t.rate_limit_per_minute
+       u.status AS user_status, t.name AS tier, t.daily_quota, t.rate_limit_per_minute,
+       CASE t.rate_limit_scope WHEN 'key' THEN 'key:' || coalesce(k.lineage_id, k.id)
+                               ELSE 'user:' || k.user_id END AS limit_key
 FROM api_keys k
 JOIN users u ON u.id = k.user_id
 JOIN access_tiers t ON t.id = u.tier_id

@@ -74,9 +74,9 @@ local function check(prefix, key_hash, ip_hex, bucket, day, anon_per_day, fails_
   end
 
   -- 3. identity from the cache; the caller fills it on a miss
-  -- "id1": the entry format (metering.accounts.cache.ENTRY_FORMAT); a new
+  -- "id2": the entry format (metering.accounts.cache.ENTRY_FORMAT); a new
   -- format gets a new name, so entries of another version are simply misses
-  local raw = redis.call('GET', prefix .. ':id1:' .. key_hash)
+  local raw = redis.call('GET', prefix .. ':id2:' .. key_hash)
   if not raw then
     if filled then  -- the fill did not land (a newer change won meanwhile): retry later
       return {'miss', '', 0, 0, 0, 0, 0, -1}
@@ -135,7 +135,8 @@ local function check(prefix, key_hash, ip_hex, bucket, day, anon_per_day, fails_
   -- 5. daily quota from the counters the stream keeps (committed usage),
   --    before the rate limit: a refused request uses up no capacity
   local limit = id.rate_limit_per_minute
-  local rl_key = prefix .. ':rl:key:' .. id.key_id
+  -- per user, or per key lineage, as the tier says (limit_key)
+  local rl_key = prefix .. ':rl:' .. id.limit_key
   local quota = id.daily_quota
   -- quota use = requests served: requests the edge refused do not count
   -- ('rejected' from the workers of this version; 'throttled' before them)
