@@ -54,7 +54,8 @@ class Settings:
     anonymous_per_day: int = 50  # per client IP, requests without a key
     auth_failures_per_minute: int = 5  # per client IP (IPv6: per prefix), then 429
     ipv6_bucket_prefix: int = 64  # IPv6 clients share throttles per this prefix
-    redis_failure_mode: str = "open"  # open: allow + log + count; closed: 503
+    redis_failure_mode: str = "open"  # open: in-process limits; closed: 503
+    edge_instances: int = 1  # edge processes sharing the limits (each keeps 1/n while Redis is away)
     last_used_flush_s: float = 30.0
     trusted_proxies: str = ""  # comma-separated CIDRs whose X-Forwarded-For is believed
     producer_linger_ms: int = 100  # edge events gather this long: one produce request each
@@ -198,6 +199,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "anonymous_per_day": _between(1, 10_000_000),
     "auth_failures_per_minute": _between(1, 100_000),
     "ipv6_bucket_prefix": _between(16, 128),
+    "edge_instances": _between(1, 10_000),
     "redis_failure_mode": ((lambda v: v in ("open", "closed")), "'open' or 'closed'"),
     "last_used_flush_s": ((lambda v: 0 < v <= 3600), "> 0 and <= 3600"),
     "trusted_proxies": (_cidrs, "comma-separated CIDRs (e.g. 10.0.0.0/8,192.0.2.7)"),

@@ -39,7 +39,8 @@ from metering import keys
 from metering.accounts import store
 from metering.accounts.cache import IdentityCache, entry_key
 from metering.accounts.model import Identity
-from metering.addresses import allowed, bucket_hex, ip_hex
+from metering.addresses import bucket_hex, ip_hex
+from metering.edge.fallback import LocalGuard
 from metering.redis.scripts import CoalescingScript, load_source
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class EdgeGuard:
         last_used_flush_s: float = 30.0,
         ipv6_bucket_prefix: int = 64,
         max_concurrent_lookups: int = 4,
+        edge_instances: int = 1,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._redis = redis
@@ -117,6 +119,13 @@ class EdgeGuard:
         self._lookup_slots = asyncio.Semaphore(max_concurrent_lookups)
         self._max_waiting_lookups = max_concurrent_lookups * 16
         self._lookups: dict[str, asyncio.Future[None]] = {}
+        self._plain_lookups: dict[str, asyncio.Future[Identity | None]] = {}
+        self._local = LocalGuard(  # what still holds while Redis is away (fail-open)
+            look_up=self._look_up_only,
+            instances=edge_instances,
+            anonymous_per_day=anonymous_per_day,
+            auth_failures_per_minute=auth_failures_per_minute,
+        )
         self._script = CoalescingScript(redis, load_source("edge_check"))
         self._parsed: dict[bytes, Identity] = {}
         self._last_used: dict[str, float] = {}
@@ -186,7 +195,7 @@ class EdgeGuard:
                 args[-1] = "r" if result[1] == b"r" else "f"  # the re-check after the fill
                 result = await self._eval(args)
         except (RedisError, OSError) as exc:
-            return await self._redis_down(exc, key_hash, client_ip)
+            return await self._redis_down(exc, key_hash, client_ip, bucket)
         try:
             decision = self._decide(result, today)
         except UnreadableEntry as exc:
@@ -291,7 +300,9 @@ class EdgeGuard:
             self._parsed[raw] = found
         return found
 
-    async def _redis_down(self, exc: BaseException, key_hash: str, client_ip: str) -> Decision:
+    async def _redis_down(
+        self, exc: BaseException, key_hash: str, client_ip: str, bucket: str
+    ) -> Decision:
         self.stats.redis_failures += 1
         now = time.monotonic()
         if now - self._down_logged_at >= DOWN_LOG_EVERY_S:  # a line per interval, not per request
@@ -301,36 +312,47 @@ class EdgeGuard:
                 exc,
                 "failing closed with 503"
                 if self._mode == "closed"
-                else "failing open (keys verified in PostgreSQL, no limits)",
+                else "failing open (keys verified in PostgreSQL, limits kept in this process)",
                 self.stats.redis_failures,
                 DOWN_LOG_EVERY_S,
             )
         if self._mode == "closed":
             return Decision(503, "redis_unavailable", headers=[("Retry-After", "5")])
-        if key_hash == "":
-            return Decision(None, "anonymous", degraded=True)
-        if key_hash == "!":
-            return Decision(401, "unauthorized", degraded=True)
         try:
-            async with self._pool.acquire() as conn:
-                identity, _ = await store.lookup_identity(conn, key_hash)
+            status, reason, identity, retry = await self._local.check(key_hash, client_ip, bucket)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as db_exc:
             self._db_down("PostgreSQL unavailable too (Redis is down)", db_exc)
             return Decision(503, "unavailable", headers=[("Retry-After", "5")])
-        now = time.time()
-        if (
-            identity is None
-            or (identity.expires_at is not None and identity.expires_at <= now)
-            or (
-                identity.status == "rotating"
-                and identity.rotates_at is not None
-                and identity.rotates_at <= now
+        except LookupsBusy:
+            return Decision(503, "unavailable", headers=[("Retry-After", "1")])
+        headers = [("Retry-After", str(max(1, int(retry + 0.999))))] if retry else []
+        if status is None and retry:  # shadow mode: over the limit, let through
+            return Decision(
+                None,
+                reason,
+                identity,
+                [("X-RateLimit-Shadow", reason)],
+                shadowed=True,
+                degraded=True,
             )
-        ):
-            return Decision(401, "unauthorized", degraded=True)
-        if identity.ip_allowlist and not allowed(client_ip, identity.ip_allowlist):
-            return Decision(403, "forbidden_ip", identity, degraded=True)
-        return Decision(None, "ok", identity, degraded=True)
+        return Decision(status, reason, identity, headers, degraded=True)
+
+    async def _look_up_only(self, key_hash: str) -> Identity | None:
+        """A lookup without Redis, sharing the bounded, collapsed lookups."""
+        running = self._plain_lookups.get(key_hash)
+        if running is None:
+            if len(self._plain_lookups) >= self._max_waiting_lookups:
+                raise LookupsBusy
+            running = asyncio.ensure_future(self._plain_lookup(key_hash))
+            self._plain_lookups[key_hash] = running
+            running.add_done_callback(lambda _: self._plain_lookups.pop(key_hash, None))
+        return await asyncio.shield(running)
+
+    async def _plain_lookup(self, key_hash: str) -> Identity | None:
+        async with self._lookup_slots, self._pool.acquire() as conn:
+            self.stats.lookups += 1
+            identity, _ = await store.lookup_identity(conn, key_hash)
+        return identity
 
     def _db_down(self, what: str, exc: BaseException) -> None:
         """A line per interval with a count, not one per request."""

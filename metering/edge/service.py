@@ -139,6 +139,7 @@ class MeteringEdge:
             redis_failure_mode=settings.redis_failure_mode,
             last_used_flush_s=settings.last_used_flush_s,
             ipv6_bucket_prefix=settings.ipv6_bucket_prefix,
+            edge_instances=settings.edge_instances,
             clock=clock,
         )
         self._metrics = edge_metrics(self.guard, self.producer)

@@ -475,6 +475,47 @@ async def test_redis_down_fail_open_and_fail_closed(servers, client, db, edge_se
     assert (await client.get(f"{up.url}/v1/search", headers=mapped)).status_code == 200
 
 
+async def test_with_redis_away_the_limits_hold_in_process(servers, client, db, edge_settings):
+    """Fail-open keeps serving, but not as an open door: per-minute limits,
+    the failed-auth throttle and the anonymous allowance hold per process
+    (divided by METERING_EDGE_INSTANCES), and a key is looked up once."""
+    fields = {f: getattr(edge_settings, f) for f in edge_settings.__dataclass_fields__}
+    away = {"redis_url": "redis://127.0.0.1:1/0", "redis_failure_mode": "open"}
+    srv = await servers(Settings(**{**fields, **away}))
+    two = await servers(Settings(**{**fields, **away, "edge_instances": 2}))
+    user = await make_user(db, "free")  # 10 a minute
+    key, _ = await make_key(db, user)
+    ip = next_ip()
+    statuses = [
+        (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code
+        for _ in range(11)
+    ]
+    assert statuses == [200] * 10 + [429]
+    assert srv.guard.stats.lookups == 1  # the identity is cached in the process meanwhile
+    other = await make_user(db, "free")
+    other_key, _ = await make_key(db, other)
+    statuses = [
+        (await client.get(f"{two.url}/v1/search", headers=hdr(other_key, ip))).status_code
+        for _ in range(6)
+    ]
+    assert statuses == [200] * 5 + [429]  # one of two instances: half the limit
+    attacker = next_ip()
+    guesses = [keys.generate().plaintext for _ in range(7)]
+    ISSUED.extend(guesses)
+    statuses = [
+        (await client.get(f"{srv.url}/v1/search", headers=hdr(g, attacker))).status_code
+        for g in guesses
+    ]
+    assert statuses == [401] * 5 + [429] * 2
+    assert srv.guard.stats.lookups == 1 + 5  # guesses beyond the budget cost no lookup
+    anon_ip = next_ip()
+    anon = [
+        (await client.get(f"{srv.url}/public/status", headers=hdr(None, anon_ip))).status_code
+        for _ in range(4)
+    ]
+    assert anon == [200, 200, 200, 429]
+
+
 async def test_database_down_cached_keys_work_uncached_get_503(servers, client, db, edge_settings):
     user = await make_user(db, "pro")
     warm_key, _ = await make_key(db, user)

@@ -55,6 +55,7 @@ BAD_AND_EDGE = {
     "anonymous_per_day": ("0", "1"),
     "auth_failures_per_minute": ("0", "1"),
     "ipv6_bucket_prefix": ("129", "128"),
+    "edge_instances": ("0", "10000"),
     "redis_failure_mode": ("maybe", "closed"),
     "last_used_flush_s": ("0", "3600"),
     "trusted_proxies": ("garbage", "10.0.0.0/8, 192.0.2.7,2001:db8::/32"),
