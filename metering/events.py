@@ -79,6 +79,9 @@ class UsageEvent:
     # set when the edge refused the request (forbidden_ip, rate_limited ...):
     # recorded, never billable, never counted against the quota
     rejected: str | None = None
+    # >1: a summary of this many alike refused requests from one unidentified
+    # client (address or IPv6 prefix) within one minute
+    count: int = 1
 
     @classmethod
     def new(
@@ -137,6 +140,7 @@ class UsageEvent:
             "units": self.units,
             "schema_version": self.schema_version,
             "rejected": self.rejected,
+            "count": self.count,
         }
 
     def to_json(self) -> bytes:
@@ -271,6 +275,16 @@ def validate(data: Any) -> UsageEvent:
         if not REJECTION_REASON.match(rejected):
             raise InvalidEventError("bad_value", "rejected must be a reason like forbidden_ip")
 
+    count = data.get("count", 1)
+    if type(count) is not int:
+        raise InvalidEventError("bad_type", "count must be an integer")
+    if not 1 <= count <= MAX_UNITS:
+        raise InvalidEventError("bad_value", f"count {count} is outside 1-{MAX_UNITS}")
+    if count > 1 and (user_id is not None or rejected is None):
+        raise InvalidEventError(
+            "bad_value", "only refused requests of no known user are summarised (count > 1)"
+        )
+
     return UsageEvent(
         event_id=event_id,
         occurred_at=occurred_at,
@@ -285,6 +299,7 @@ def validate(data: Any) -> UsageEvent:
         units=units,
         schema_version=version,
         rejected=rejected,
+        count=count,
     )
 
 

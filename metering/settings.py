@@ -55,11 +55,20 @@ class Settings:
     auth_failures_per_minute: int = 5  # per client IP (IPv6: per prefix), then 429
     ipv6_bucket_prefix: int = 64  # IPv6 clients share throttles per this prefix
     redis_failure_mode: str = "open"  # open: in-process limits; closed: 503
-    edge_instances: int = 1  # edge processes sharing the limits (each keeps 1/n while Redis is away)
+    edge_instances: int = (
+        1  # edge processes sharing the limits (each keeps 1/n while Redis is away)
+    )
     last_used_flush_s: float = 30.0
     trusted_proxies: str = ""  # comma-separated CIDRs whose X-Forwarded-For is believed
     producer_linger_ms: int = 100  # edge events gather this long: one produce request each
-    producer_buffer: int = 100_000  # events held while Kafka is away, then dropped (counted)
+    producer_buffer: int = (
+        100_000  # billable events held while Kafka is away, then dropped (counted)
+    )
+    producer_unbilled_buffer: int = (
+        10_000  # refused and anonymous requests' events: their own budget
+    )
+    unidentified_per_minute: int = 10  # refused requests of no known user recorded one by one
+    # per client and minute; the rest as one summary record per client, minute and reason
 
     # local stack (`metering stack`, dev tooling only)
     stack_dir: str = ""  # pid files, logs, Kafka's jars and data; "" = <repository>/.stack
@@ -205,6 +214,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trusted_proxies": (_cidrs, "comma-separated CIDRs (e.g. 10.0.0.0/8,192.0.2.7)"),
     "producer_linger_ms": _between(0, 5_000),
     "producer_buffer": _between(1, 10_000_000),
+    "producer_unbilled_buffer": _between(1, 10_000_000),
+    "unidentified_per_minute": _between(0, 1_000_000),
     "stack_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
     "kafka_heap": (
         (lambda v: all(p.startswith("-X") for p in v.split())),

@@ -34,18 +34,23 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from metering.edge.summary import UnidentifiedSummary
 from metering.errors import InvalidEventError
 from metering.events import MAX_RECORD_BYTES, UsageEvent
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Item = tuple[bytes, bytes | None]  # (key, value); None is a tombstone
+# (key, value, billable); a None value is a tombstone. Billable events (a
+# user's served requests) and the rest (refused, anonymous) have separate
+# buffer budgets: a flood of refused requests cannot push billable ones out.
+_Item = tuple[bytes, bytes | None, bool]
 _DRAIN = 10_000  # events handed to aiokafka per round at most
 # A delivery Kafka refuses with a non-retriable error (a topic that refuses the
 # records) is tried this many times, then its events are dropped, counted.
 # Retriable failures (no leader, timeouts) are retried for as long as it takes.
 MAX_DELIVERY_FAILURES = 5
+SUMMARY_FLUSH_S = 5.0  # how often finished minutes' summaries go out
 
 
 @dataclass(slots=True)
@@ -56,6 +61,8 @@ class ProducerStats:
     abandoned: int = 0  # of dropped: still held when stop() ran out of time
     retried: int = 0  # send attempts that failed and were put back
     send_errors: int = 0
+    dropped_unbilled: int = 0  # of dropped: refused or anonymous requests' events
+    summarised: int = 0  # refused requests of no known user folded into summary records
 
 
 class UsageProducer:
@@ -65,6 +72,8 @@ class UsageProducer:
         bootstrap_servers: str,
         topic: str = "usage.events",
         buffer_size: int = 100_000,
+        unbilled_buffer_size: int = 10_000,
+        summary: UnidentifiedSummary | None = None,
         linger_ms: int = 100,
         max_batch_bytes: int = 256 * 1024,
         client_id: str = "metering-edge",
@@ -73,7 +82,10 @@ class UsageProducer:
     ) -> None:
         self._bootstrap = bootstrap_servers
         self._topic = topic
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=buffer_size)
+        # bounded by the two budgets below (retries re-queue what is already held)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._budget = buffer_size
+        self._unbilled_budget = unbilled_buffer_size
         self._linger_ms = linger_ms
         self._max_batch_bytes = max_batch_bytes
         self._client_id = client_id
@@ -86,6 +98,9 @@ class UsageProducer:
         self._partition_count = 0
         self._closing = False
         self._held = 0  # accepted, not yet acknowledged or dropped (queue + in flight)
+        self._held_unbilled = 0  # of those, events nobody is billed for
+        self._summary = summary
+        self._summarising: asyncio.Task[None] | None = None
         self._failures: dict[int, int] = {}  # id(item) -> failed deliveries so far
         self._abandoned_at_stop = False
         self.stats = ProducerStats()
@@ -96,38 +111,71 @@ class UsageProducer:
         return self._held
 
     def emit(self, event: UsageEvent) -> bool:
-        """Queue one event; False if it was dropped because the buffer is full."""
+        """Queue one event; False if it was dropped because its buffer is full.
+        A user's served requests use the billable budget; refused and anonymous
+        requests use their own, smaller one."""
         value = event.to_json()
         if len(value) > MAX_RECORD_BYTES:  # the stream would dead-letter it: say so here
             self.stats.emitted += 1
             self.stats.dropped += 1
             raise InvalidEventError("too_large", f"event is {len(value)} bytes")
-        return self.emit_raw(event.partition_key, value)
+        billable = event.user_id is not None and event.rejected is None
+        if not billable and self._summary is not None and not self._summary.admit(event):
+            self.stats.summarised += 1
+            return True  # counted into a summary record, sent when its minute is over
+        return self.emit_raw(event.partition_key, value, billable=billable)
 
-    def emit_raw(self, key: bytes, value: bytes | None) -> bool:
+    def _emit_summaries(self, *, everything: bool = False) -> None:
+        if self._summary is not None:
+            for record in self._summary.flush(everything=everything):
+                self.emit_raw(record.partition_key, record.to_json(), billable=False)
+
+    async def _summarise_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SUMMARY_FLUSH_S)
+            self._emit_summaries()
+
+    def emit_raw(self, key: bytes, value: bytes | None, *, billable: bool = True) -> bool:
         """Queue pre-encoded bytes as they are (tools and tests; no validation)."""
         self.stats.emitted += 1
         if self._closing:
             self.stats.dropped += 1
             return False
-        try:
-            self._queue.put_nowait((key, value))
-        except asyncio.QueueFull:
+        if billable:
+            full = self._held - self._held_unbilled >= self._budget
+        else:
+            full = self._held_unbilled >= self._unbilled_budget
+        if full:
             self.stats.dropped += 1
+            if not billable:
+                self.stats.dropped_unbilled += 1
             if self.stats.dropped in (1, 10, 100) or self.stats.dropped % 1000 == 0:
-                log.warning("usage event buffer full: %d events dropped", self.stats.dropped)
+                log.warning(
+                    "usage event buffer full: %d events dropped (%d of them unbilled)",
+                    self.stats.dropped,
+                    self.stats.dropped_unbilled,
+                )
             return False
+        self._queue.put_nowait((key, value, billable))
         self._held += 1
+        self._held_unbilled += not billable
         return True
+
+    def _release(self, items: list[_Item]) -> None:
+        """These are no longer held (sent, or given up)."""
+        self._held -= len(items)
+        self._held_unbilled -= sum(1 for item in items if not item[2])
 
     async def start(self) -> None:
         if self._task is None:
             self._closing = False
             if self._abandoned_at_stop:  # a fresh run: nothing of the abandoned one survives
-                self._queue = asyncio.Queue(maxsize=self._queue.maxsize)
+                self._queue = asyncio.Queue()
                 self._failures.clear()
                 self._abandoned_at_stop = False
             self._task = asyncio.create_task(self._run(), name="metering-producer")
+            if self._summary is not None:
+                self._summarising = asyncio.create_task(self._summarise_forever())
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Flush buffered events, then close, within ``timeout`` seconds in all
@@ -137,6 +185,12 @@ class UsageProducer:
         are counted as dropped and abandoned, and logged as an error."""
         if self._task is None:
             return
+        if self._summarising is not None:  # the minutes in progress go out now
+            self._summarising.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._summarising
+            self._summarising = None
+            self._emit_summaries(everything=True)
         self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout  # one budget for flushing and closing
@@ -160,7 +214,7 @@ class UsageProducer:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(kafka.client.close(), 0.5)
         if self._held:
-            lost, self._held = self._held, 0
+            lost, self._held, self._held_unbilled = self._held, 0, 0
             self._abandoned_at_stop = True
             self.stats.dropped += lost
             self.stats.abandoned += lost
@@ -250,13 +304,13 @@ class UsageProducer:
             while group:
                 batch = kafka.create_batch()
                 n = 0
-                for key, value in group:
+                for key, value, _ in group:
                     if batch.append(key=key, value=value, timestamp=None) is None:
                         break
                     n += 1
                 if n == 0:  # a single record larger than a batch: cannot be sent
                     self.stats.dropped += 1
-                    self._held -= 1
+                    self._release(group[:1])
                     self.stats.send_errors += 1
                     log.error(
                         "usage event of %d bytes exceeds the batch size", len(group[0][1] or b"")
@@ -296,34 +350,29 @@ class UsageProducer:
             # Not retriable (the topic refuses them): a bounded number of times.
             refused = exc is not None and not getattr(exc, "retriable", False)
             self.stats.send_errors += 1
-            given_up = 0
+            given_up: list[_Item] = []
             for item in items:
                 n = self._failures.get(id(item), 0) + refused
                 if n >= MAX_DELIVERY_FAILURES:
                     self._failures.pop(id(item), None)
-                    given_up += 1
+                    given_up.append(item)
                     continue
                 if n:
                     self._failures[id(item)] = n
                 self.stats.retried += 1
-                try:
-                    self._queue.put_nowait(item)
-                except asyncio.QueueFull:
-                    self._failures.pop(id(item), None)
-                    given_up += 1
+                self._queue.put_nowait(item)
             if given_up:
-                self.stats.dropped += given_up
-                self._held -= given_up
+                self.stats.dropped += len(given_up)
+                self._release(given_up)
                 log.error(
-                    "%d usage events dropped: Kafka refused them %d times (%s), or the "
-                    "buffer had no room left to try again",
-                    given_up,
+                    "%d usage events dropped: Kafka refused them %d times (%s)",
+                    len(given_up),
                     MAX_DELIVERY_FAILURES,
                     "cancelled" if exc is None else repr(exc),
                 )
         else:
             self.stats.sent += len(items)
-            self._held -= len(items)
+            self._release(items)
             if self._failures:
                 for item in items:
                     self._failures.pop(id(item), None)

@@ -11,6 +11,7 @@ from typing import Any
 
 from metering.edge.guard import EdgeGuard
 from metering.edge.producer import UsageProducer
+from metering.edge.summary import UnidentifiedSummary
 from metering.metrics import MetricSet, multiprocess_dir
 
 METRICS_SYNC_S = 1.0
@@ -67,6 +68,16 @@ def edge_metrics(guard: EdgeGuard, producer: UsageProducer) -> MetricSet:
         "Usage events lost: buffer full, too large, emitted during shutdown, or "
         "still unsent when shutdown ran out of time.",
         lambda: p.dropped,
+    )
+    m.counter(
+        "metering_edge_events_dropped_unbilled_total",
+        "Of the dropped: events of refused or anonymous requests (their own, smaller budget).",
+        lambda: p.dropped_unbilled,
+    )
+    m.counter(
+        "metering_edge_requests_summarised_total",
+        "Refused requests of no known user folded into per-client, per-minute summary records.",
+        lambda: p.summarised,
     )
     m.counter(
         "metering_edge_producer_send_errors_total",
@@ -126,6 +137,11 @@ class MeteringEdge:
             topic=settings.events_topic,
             linger_ms=settings.producer_linger_ms,
             buffer_size=settings.producer_buffer,
+            unbilled_buffer_size=settings.producer_unbilled_buffer,
+            summary=UnidentifiedSummary(
+                allowance=settings.unidentified_per_minute,
+                ipv6_prefix=settings.ipv6_bucket_prefix,
+            ),
         )
         self.guard = EdgeGuard(
             redis=self._redis,

@@ -45,6 +45,7 @@ STAGE_COLUMNS = (
     "units",
     "schema_version",
     "rejected",
+    "request_count",
 )
 
 CREATE_STAGE = get("create_usage_stage")
@@ -82,6 +83,7 @@ def to_row(e: UsageEvent) -> tuple[object, ...]:
         e.units,
         e.schema_version,
         e.rejected,
+        e.count,
     )
 
 

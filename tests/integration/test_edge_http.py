@@ -797,6 +797,41 @@ async def test_limits_are_per_user_and_survive_rotation(servers, client, db, ser
     assert r.status_code == 429  # rotating does not reset the limit
 
 
+async def test_a_keyless_flood_becomes_a_few_records_and_a_summary(
+    servers, client, db, kafka_settings, worker_factory
+):
+    """50 keyless requests from one client: the first 10 of its minute are
+    records of their own, the rest one summary record with their count."""
+    srv = await servers()
+    flooder, other = next_ip(), next_ip()
+    for _ in range(50):
+        assert (
+            await client.get(f"{srv.url}/v1/search", headers=hdr(None, flooder))
+        ).status_code == 401
+    for _ in range(3):
+        assert (
+            await client.get(f"{srv.url}/v1/search", headers=hdr(None, other))
+        ).status_code == 401
+    producer = srv.app.state.edge.producer
+    assert producer.stats.summarised >= 30  # 40, unless a minute ended mid-flood
+    await srv.stop()  # the summaries of the minute in progress go out at shutdown
+    worker_factory(kafka_settings)
+
+    async def landed() -> bool:
+        n = await db.fetchval("SELECT coalesce(sum(request_count), 0) FROM usage_logs")
+        return n == 53
+
+    await eventually(landed, timeout=60, what="53 requests in usage_logs")
+    rows = await db.fetch(
+        "SELECT host(client_ip) AS ip, request_count, rejected, units FROM usage_logs"
+    )
+    mine = [r for r in rows if r["ip"] == flooder]
+    assert 11 <= len(mine) <= 22  # 10 records + a summary per minute it spanned
+    assert sum(r["request_count"] for r in mine) == 50
+    assert all(r["rejected"] == "missing_key" and r["units"] == 0 for r in mine)
+    assert sorted(r["request_count"] for r in rows if r["ip"] == other) == [1, 1, 1]
+
+
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         f"METERING_{f.upper()}": str(getattr(settings, f)) for f in settings.__dataclass_fields__

@@ -37,6 +37,7 @@ MIGRATIONS = [
     (6, "key_versions"),
     (7, "rejected"),
     (8, "limit_scope"),
+    (9, "summaries"),
 ]
 
 

@@ -71,6 +71,39 @@ async def test_emit_never_blocks_and_counts_drops_when_kafka_is_unreachable(capl
     assert "10 usage events unsent" in caplog.text
 
 
+async def test_refused_requests_cannot_push_billable_events_out(caplog):
+    """A flood of refused, unidentified requests while Kafka is away fills only
+    its own budget: the billable events still fit."""
+    producer = UsageProducer(
+        bootstrap_servers="127.0.0.1:1",
+        buffer_size=10,
+        unbilled_buffer_size=5,
+        retry_backoff_s=0.05,
+    )
+    await producer.start()
+    flood = [
+        UsageEvent.new(
+            user_id=None,
+            api_key_id=None,
+            endpoint="/v1/p",
+            method="GET",
+            status_code=401,
+            response_time_ms=0.1,
+            client_ip="198.51.100.1",
+            rejected="missing_key",
+        )
+        for _ in range(100)
+    ]
+    assert [producer.emit(e) for e in flood].count(True) == 5
+    assert all(producer.emit(an_event()) for _ in range(10))  # the billable budget is whole
+    assert not producer.emit(an_event())
+    st = producer.stats
+    assert (st.dropped, st.dropped_unbilled, producer.buffered) == (96, 95, 15)
+    assert_accounts(producer)
+    await producer.stop(timeout=0.2)
+    assert_accounts(producer)
+
+
 def assert_accounts(producer: UsageProducer) -> None:
     st = producer.stats
     assert st.emitted == st.sent + st.dropped + producer.buffered, st

@@ -39,6 +39,7 @@ def record(**overrides):
         "units": 1,
         "schema_version": 1,
         "rejected": None,
+        "count": 1,
     }
     base.update(overrides)
     return base
@@ -227,3 +228,17 @@ def test_rejected_is_a_reason_or_null():
         with pytest.raises(InvalidEventError) as caught:
             decode(orjson.dumps(record(rejected=bad)), policy)
         assert caught.value.reason == reason
+
+
+def test_count_summarises_only_refused_requests_of_no_known_user():
+    policy = TimePolicy(now=NOW)
+    summary = record(user_id=None, api_key_id=None, rejected="missing_key", count=40, units=0)
+    assert decode(orjson.dumps(summary), policy).count == 40
+    for bad in (
+        record(count=2),  # a user's request
+        record(user_id=None, api_key_id=None, count=2),  # served anonymous
+        record(user_id=None, api_key_id=None, rejected="x", count=0),
+        record(user_id=None, api_key_id=None, rejected="x", count=True),
+    ):
+        with pytest.raises(InvalidEventError):
+            decode(orjson.dumps(bad), policy)

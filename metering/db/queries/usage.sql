@@ -6,7 +6,8 @@
 CREATE TEMP TABLE IF NOT EXISTS usage_stage (
     event_id uuid, created_at timestamptz, user_id uuid, api_key_id uuid,
     endpoint text, method text, status_code smallint, response_time_ms double precision,
-    client_ip text, bytes_out bigint, units integer, schema_version smallint, rejected text
+    client_ip text, bytes_out bigint, units integer, schema_version smallint, rejected text,
+    request_count integer
 ) ON COMMIT DELETE ROWS;
 
 -- name: insert_and_aggregate
@@ -16,23 +17,25 @@ CREATE TEMP TABLE IF NOT EXISTS usage_stage (
 WITH inserted AS (
     INSERT INTO usage_logs (event_id, created_at, user_id, api_key_id, endpoint, method,
                             status_code, response_time_ms, client_ip, bytes_out, units,
-                            schema_version, rejected)
+                            schema_version, rejected, request_count)
     SELECT event_id, created_at, user_id, api_key_id, endpoint, method,
            status_code, response_time_ms, client_ip::inet, bytes_out, units, schema_version,
-           rejected
+           rejected, request_count
     FROM usage_stage
     ON CONFLICT DO NOTHING
-    RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units, rejected
+    RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units, rejected,
+              request_count
 ), per_day AS (
     SELECT user_id,
            (created_at AT TIME ZONE 'UTC')::date AS date,
-           count(*) AS request_count,
+           sum(request_count) AS request_count,
            -- a refused request is never billable, whatever units it carries
            coalesce(sum(units) FILTER (WHERE rejected IS NULL), 0) AS units,
-           count(*) FILTER (WHERE status_code BETWEEN 400 AND 499) AS client_errors,
-           count(*) FILTER (WHERE status_code >= 500) AS server_errors,
-           count(*) FILTER (WHERE status_code = 429) AS throttled,
-           count(*) FILTER (WHERE rejected IS NOT NULL) AS rejected,
+           coalesce(sum(request_count) FILTER (WHERE status_code BETWEEN 400 AND 499), 0)
+               AS client_errors,
+           coalesce(sum(request_count) FILTER (WHERE status_code >= 500), 0) AS server_errors,
+           coalesce(sum(request_count) FILTER (WHERE status_code = 429), 0) AS throttled,
+           coalesce(sum(request_count) FILTER (WHERE rejected IS NOT NULL), 0) AS rejected,
            sum(response_time_ms) AS response_time_ms,
            coalesce(sum(bytes_out), 0) AS bytes_out
     FROM inserted
