@@ -23,7 +23,13 @@ from fastapi.responses import PlainTextResponse
 
 from metering import metrics
 from metering.accounts import Identity
-from metering.edge import MeteringEdge, MeteringMiddleware, current_identity, require_scopes
+from metering.edge import (
+    MeteringEdge,
+    MeteringMiddleware,
+    current_identity,
+    document_edge_responses,
+    require_scopes,
+)
 from metering.settings import Settings
 
 
@@ -37,14 +43,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
 
     app = FastAPI(title="metered example", lifespan=lifespan)
+    anonymous, exempt = ("/public",), ("/health", "/metrics", "/openapi.json", "/docs")
     app.add_middleware(
         MeteringMiddleware,
         guard=edge.guard,
         producer=edge.producer,
-        anonymous_paths=("/public",),
-        exempt_paths=("/health", "/metrics"),
+        anonymous_paths=anonymous,
+        exempt_paths=exempt,
         trusted_proxies=[p for p in settings.trusted_proxies.split(",") if p.strip()],
     )
+    # the schema says what the edge answers before the app runs (401/403/429/503)
+    document_edge_responses(app, anonymous_paths=anonymous, exempt_paths=exempt)
     app.state.edge = edge
 
     @app.get("/health")

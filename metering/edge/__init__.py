@@ -13,6 +13,7 @@ dependencies. Install with ``pip install metering[edge]``.
 
 from metering.edge.guard import Decision, EdgeGuard
 from metering.edge.middleware import MeteringMiddleware, current_identity, require_scopes
+from metering.edge.openapi import document_edge_responses
 from metering.edge.producer import UsageProducer
 from metering.edge.service import MeteringEdge
 
@@ -23,5 +24,6 @@ __all__ = [
     "MeteringMiddleware",
     "UsageProducer",
     "current_identity",
+    "document_edge_responses",
     "require_scopes",
 ]
