@@ -53,8 +53,9 @@ def document_edge_responses(
     build: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema  # type: ignore[no-any-return]
+        cached: dict[str, Any] | None = app.openapi_schema
+        if cached:
+            return cached
         schema = build()
         schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
         schemes["apiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
