@@ -41,6 +41,7 @@ from metering.accounts.cache import IdentityCache, entry_key
 from metering.accounts.model import Identity
 from metering.addresses import bucket_hex, ip_hex
 from metering.edge.fallback import LocalGuard
+from metering.edge.lookups import KeyLookups, LookupsBusy
 from metering.redis.scripts import CoalescingScript, load_source
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,6 @@ DOWN_LOG_EVERY_S = 10
 
 class UnreadableEntry(Exception):
     """A cached identity this release cannot read (written by another one)."""
-
-
-class LookupsBusy(Exception):
-    """Too many cache-miss lookups are waiting: answer 503 instead of queueing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +69,6 @@ class Decision:
 class EdgeStats:
     checks: int = 0
     cache_misses: int = 0
-    lookups: int = 0  # PostgreSQL lookups made for cache misses (concurrent misses share one)
     db_failures: int = 0  # lookups PostgreSQL could not answer (503)
     redis_failures: int = 0
     rejected: Counter[str] = field(default_factory=Counter)  # by reason
@@ -114,14 +110,10 @@ class EdgeGuard:
         self._mode = redis_failure_mode
         self._flush_every = last_used_flush_s
         self._v6_prefix = ipv6_bucket_prefix
-        # Cache-miss lookups: at most this many at once (the edge's pool is
-        # small and legitimate fills wait behind them), one per key hash.
-        self._lookup_slots = asyncio.Semaphore(max_concurrent_lookups)
-        self._max_waiting_lookups = max_concurrent_lookups * 16
-        self._lookups: dict[str, asyncio.Future[None]] = {}
-        self._plain_lookups: dict[str, asyncio.Future[Identity | None]] = {}
+        self._lookups = KeyLookups(pool, self._cache, concurrent=max_concurrent_lookups)
+        self._background: set[asyncio.Future[Any]] = set()
         self._local = LocalGuard(  # what still holds while Redis is away (fail-open)
-            look_up=self._look_up_only,
+            look_up=self._lookups.look_up,
             instances=edge_instances,
             anonymous_per_day=anonymous_per_day,
             auth_failures_per_minute=auth_failures_per_minute,
@@ -133,6 +125,11 @@ class EdgeGuard:
         self._down_logged_at = -float(DOWN_LOG_EVERY_S)
         self._db_down_logged_at = -float(DOWN_LOG_EVERY_S)
         self.stats = EdgeStats()
+
+    @property
+    def lookups(self) -> int:
+        """PostgreSQL lookups made for cache misses (concurrent misses share one)."""
+        return self._lookups.count
 
     @property
     def round_trips(self) -> int:
@@ -184,16 +181,22 @@ class EdgeGuard:
             result = await self._eval(args)
             if result[0] == b"miss":
                 self.stats.cache_misses += 1
+                reserved, rechecked = result[1] == b"r", False
                 try:
-                    await self._fill_cache(key_hash)
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as db_exc:
-                    # Redis works but the key cannot be looked up: say "try again".
-                    self._db_down("PostgreSQL unavailable for a key lookup", db_exc)
-                    return Decision(503, "unavailable", headers=[("Retry-After", "5")])
-                except LookupsBusy:
-                    return Decision(503, "unavailable", headers=[("Retry-After", "1")])
-                args[-1] = "r" if result[1] == b"r" else "f"  # the re-check after the fill
-                result = await self._eval(args)
+                    try:
+                        await self._lookups.fill(key_hash)
+                    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as db_exc:
+                        # Redis works but the key cannot be looked up: say "try again".
+                        self._db_down("PostgreSQL unavailable for a key lookup", db_exc)
+                        return Decision(503, "unavailable", headers=[("Retry-After", "5")])
+                    except LookupsBusy:
+                        return Decision(503, "unavailable", headers=[("Retry-After", "1")])
+                    args[-1] = "r" if reserved else "f"  # the re-check after the fill
+                    result = await self._eval(args)
+                    rechecked = True
+                finally:
+                    if reserved and not rechecked:  # no verdict on the key: no failure
+                        self._give_back([*args[:-1], "x"])
         except (RedisError, OSError) as exc:
             return await self._redis_down(exc, key_hash, client_ip, bucket)
         try:
@@ -208,30 +211,11 @@ class EdgeGuard:
             self.stats.rejected[decision.reason] += 1
         if decision.shadowed:
             self.stats.shadowed[decision.reason] += 1
-        if decision.identity is not None and decision.status in (None, 429):
+        if decision.identity is not None and (
+            decision.status is None or decision.reason in ("rate_limited", "quota_exceeded")
+        ):
             self._last_used[decision.identity.key_id] = time.time()
         return decision
-
-    async def _fill_cache(self, key_hash: str) -> None:
-        """One lookup per key hash however many requests missed it at once,
-        at most ``max_concurrent_lookups`` at a time; :class:`LookupsBusy`
-        when too many wait already."""
-        running = self._lookups.get(key_hash)
-        if running is None:
-            if len(self._lookups) >= self._max_waiting_lookups:
-                raise LookupsBusy
-            running = asyncio.ensure_future(self._look_up_and_fill(key_hash))
-            self._lookups[key_hash] = running
-            running.add_done_callback(lambda _: self._lookups.pop(key_hash, None))
-        await asyncio.shield(running)
-
-    async def _look_up_and_fill(self, key_hash: str) -> None:
-        async with self._lookup_slots, self._pool.acquire() as conn:
-            self.stats.lookups += 1
-            identity, version = await store.lookup_identity(conn, key_hash)
-        # Refused when the entry exists or a lifecycle change recorded a newer
-        # version meanwhile: the check then sees "miss" and answers 503 (retry).
-        await self._cache.fill(key_hash, identity, version)
 
     def _decide(self, r: Sequence[Any], today: datetime) -> Decision:
         code = r[0].decode() if isinstance(r[0], bytes) else str(r[0])
@@ -337,22 +321,13 @@ class EdgeGuard:
             )
         return Decision(status, reason, identity, headers, degraded=True)
 
-    async def _look_up_only(self, key_hash: str) -> Identity | None:
-        """A lookup without Redis, sharing the bounded, collapsed lookups."""
-        running = self._plain_lookups.get(key_hash)
-        if running is None:
-            if len(self._plain_lookups) >= self._max_waiting_lookups:
-                raise LookupsBusy
-            running = asyncio.ensure_future(self._plain_lookup(key_hash))
-            self._plain_lookups[key_hash] = running
-            running.add_done_callback(lambda _: self._plain_lookups.pop(key_hash, None))
-        return await asyncio.shield(running)
-
-    async def _plain_lookup(self, key_hash: str) -> Identity | None:
-        async with self._lookup_slots, self._pool.acquire() as conn:
-            self.stats.lookups += 1
-            identity, _ = await store.lookup_identity(conn, key_hash)
-        return identity
+    def _give_back(self, args: list[str]) -> None:
+        """Return a reserved failure slot, in the background (the caller may be
+        cancelled); a Redis error here only leaves the slot to refill by itself."""
+        task = asyncio.ensure_future(self._eval(args))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _db_down(self, what: str, exc: BaseException) -> None:
         """A line per interval with a count, not one per request."""

@@ -302,6 +302,12 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     assert (await client.get(f"{srv.url}/v1/search", headers=hdr(neighbour_key))).status_code == 200
     r = await client.get(f"{srv.url}/v1/search", headers=hdr(neighbour_key, attacker))
     assert r.status_code == 200, r.text
+    # and it stays so when its cache entry expires while guesses keep the
+    # address's budget spent: it worked from here, so its miss is no guess
+    neighbour_hash = (await accounts.get_key(db, neighbour_key[:16])).key_hash
+    await redis_client.delete(f"{edge_settings.redis_key_prefix}:id2:{neighbour_hash}")
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(neighbour_key, attacker))
+    assert r.status_code == 200, r.text
 
     # anonymous paths: per-IP allowance (3/day in this test), then 429
     anon_ip = next_ip()
@@ -491,7 +497,7 @@ async def test_with_redis_away_the_limits_hold_in_process(servers, client, db, e
         for _ in range(11)
     ]
     assert statuses == [200] * 10 + [429]
-    assert srv.guard.stats.lookups == 1  # the identity is cached in the process meanwhile
+    assert srv.guard.lookups == 1  # the identity is cached in the process meanwhile
     other = await make_user(db, "free")
     other_key, _ = await make_key(db, other)
     statuses = [
@@ -507,7 +513,7 @@ async def test_with_redis_away_the_limits_hold_in_process(servers, client, db, e
         for g in guesses
     ]
     assert statuses == [401] * 5 + [429] * 2
-    assert srv.guard.stats.lookups == 1 + 5  # guesses beyond the budget cost no lookup
+    assert srv.guard.lookups == 1 + 5  # guesses beyond the budget cost no lookup
     anon_ip = next_ip()
     anon = [
         (await client.get(f"{srv.url}/public/status", headers=hdr(None, anon_ip))).status_code
@@ -538,6 +544,18 @@ async def test_database_down_cached_keys_work_uncached_get_503(servers, client, 
     # one line per interval with a count, not one per request
     assert sum("PostgreSQL unavailable" in line for line in TRAP.lines) - logged_before == 1
     assert no_db.guard.stats.db_failures == 10
+    # a lookup that could not be made is no failed authentication: the slot its
+    # miss reserved is given back, so working keys are not throttled afterwards
+    cold_keys = [(await make_key(db, user))[0] for _ in range(8)]
+    for k in cold_keys:
+        r = await client.get(f"{no_db.url}/v1/search", headers=hdr(k, ip))
+        assert r.status_code == 503, r.text
+
+    async def reachable() -> bool:  # the given-back slots land in the background
+        r = await client.get(f"{good.url}/v1/search", headers=hdr(cold_keys[-1], ip))
+        return r.status_code == 200
+
+    await eventually(reachable, timeout=5, what="the database's keys to work again")
 
 
 async def test_events_for_every_request_land_in_usage_logs(
@@ -705,7 +723,7 @@ async def test_a_burst_of_unknown_keys_costs_at_most_the_budget_in_lookups(serve
     )
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [401] * 5 + [429] * 55
-    assert srv.guard.stats.lookups == 5  # auth_failures_per_minute: reserved before looking up
+    assert srv.guard.lookups == 5  # auth_failures_per_minute: reserved before looking up
     # 20 requests with one uncached working key at once: one lookup between them,
     # and the slots their misses reserved are given back (the key works)
     user = await make_user(db, "pro")
@@ -715,7 +733,7 @@ async def test_a_burst_of_unknown_keys_costs_at_most_the_budget_in_lookups(serve
         *(client.get(f"{srv.url}/v1/search", headers=hdr(key, shared)) for _ in range(20))
     )
     assert [r.status_code for r in responses] == [200] * 20
-    assert srv.guard.stats.lookups == 6
+    assert srv.guard.lookups == 6
     for _ in range(5):  # the shared address still has its whole failure budget
         r = await client.get(f"{srv.url}/v1/search", headers=hdr(keys.generate().plaintext, shared))
         assert r.status_code == 401

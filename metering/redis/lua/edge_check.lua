@@ -9,7 +9,10 @@
 --       prefix), 5 UTC date YYYY-MM-DD, 6 anonymous requests per day,
 --       7 failed authentications per minute per bucket, 8 "0" for a first
 --       check; after the caller filled the cache on a miss, "r" if that miss
---       reserved a failure slot (the reply's 2nd field said "r"), else "f"
+--       reserved a failure slot (the reply's 2nd field said "r"), else "f";
+--       "x" when the lookup after a reserving miss never finished (a
+--       database error, too many lookups waiting, a client gone): the slot
+--       and the pending marker are given back, nothing else is checked
 -- Returns {code, identity json, limit, remaining, reset_ms, retry_after_ms,
 --          quota_used, quota_limit}; code is one of
 --   ok | anon_ok | miss | unauthorized | forbidden_ip | forbidden_throttled |
@@ -30,10 +33,25 @@
 
 local function check(prefix, key_hash, ip_hex, bucket, day, anon_per_day, fails_per_min, after)
   local filled, reserved = after ~= '0', after == 'r'
-  if reserved then  -- this caller's lookup is done
-    redis.call('DEL', prefix .. ':lookup:' .. key_hash .. ':' .. bucket)
-  end
   local fails_key = prefix .. ':authfail:' .. bucket
+  local pending = prefix .. ':lookup:' .. key_hash .. ':' .. bucket
+  local function give_back()
+    local tat = tonumber(redis.call('GET', fails_key) or '0')
+    local back = tat - 60000 / fails_per_min
+    if back > now then
+      redis.call('SET', fails_key, back, 'PX', math.ceil(back - now) + 1000)
+    else
+      redis.call('DEL', fails_key)
+    end
+  end
+  if after == 'x' then
+    redis.call('DEL', pending)
+    give_back()
+    return {'miss', '', 0, 0, 0, 0, 0, -1}
+  end
+  if reserved then  -- this caller's lookup is done
+    redis.call('DEL', pending)
+  end
   local function throttled()
     local ok_f, _, _, retry_f = gcra(fails_key, fails_per_min, 60000, false)
     if ok_f then return nil end
@@ -81,7 +99,11 @@ local function check(prefix, key_hash, ip_hex, bucket, day, anon_per_day, fails_
     if filled then  -- the fill did not land (a newer change won meanwhile): retry later
       return {'miss', '', 0, 0, 0, 0, 0, -1}
     end
-    local pending = prefix .. ':lookup:' .. key_hash .. ':' .. bucket
+    -- a key that worked lately is no guess: its misses (its entry expired)
+    -- cost no slot, whatever the address's other clients spent
+    if redis.call('EXISTS', prefix .. ':good:' .. key_hash) == 1 then
+      return {'miss', '', 0, 0, 0, 0, 0, -1}
+    end
     if not redis.call('SET', pending, '1', 'NX', 'PX', 5000) then
       return {'miss', '', 0, 0, 0, 0, 0, -1}  -- its lookup is under way: share its slot
     end
@@ -101,13 +123,10 @@ local function check(prefix, key_hash, ip_hex, bucket, day, anon_per_day, fails_
     return refused()
   end
   if reserved then  -- the key works: give back the slot its miss reserved
-    local tat = tonumber(redis.call('GET', fails_key) or '0')
-    local back = tat - 60000 / fails_per_min
-    if back > now then
-      redis.call('SET', fails_key, back, 'PX', math.ceil(back - now) + 1000)
-    else
-      redis.call('DEL', fails_key)
-    end
+    give_back()
+  end
+  if filled then  -- and remember for a day that it works
+    redis.call('SET', prefix .. ':good:' .. key_hash, '1', 'EX', 86400)
   end
 
   -- 4. IP allowlist: entries are "hex/bits", precomputed when the cache was filled
