@@ -19,6 +19,7 @@ Buckets and identities are bounded (least recently used go first).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -103,6 +104,8 @@ class LocalGuard:
         self._clock = clock
         self._buckets = LocalBuckets(size, clock)
         self._identities: Bounded[tuple[Identity | None, float]] = Bounded(size)
+        self._good: Bounded[float] = Bounded(size)  # key hashes that worked lately
+        self._pending: dict[str, asyncio.Future[Identity | None]] = {}
 
     def _limit(self, per_all_instances: int) -> int:
         return max(1, per_all_instances // self._share)
@@ -123,15 +126,26 @@ class LocalGuard:
             return 401, "unauthorized", None, 0.0
         cached = self._identities.get(key_hash)
         reserved = False
-        if cached is None or cached[1] <= self._clock():
-            if throttled:  # an unknown key costs a lookup: only within the budget
-                return 429, "auth_throttled", None, throttled
-            self._buckets.hit(fails_key, fails, 60)  # reserved before the lookup
-            reserved = True
-            identity = await self._look_up(key_hash)
-            self._identities.put(key_hash, (identity, self._clock() + self._ttl))
-        else:
+        if cached is not None and cached[1] > self._clock():
             identity = cached[0]
+        elif (running := self._pending.get(key_hash)) is not None:
+            identity = await asyncio.shield(running)  # its lookup is under way: share it
+        else:
+            if not self._good.get(key_hash):  # a key that worked lately is no guess
+                if throttled:  # an unknown key costs a lookup: only within the budget
+                    return 429, "auth_throttled", None, throttled
+                self._buckets.hit(fails_key, fails, 60)  # reserved before the lookup
+                reserved = True
+            running = asyncio.ensure_future(self._look_up(key_hash))
+            self._pending[key_hash] = running
+            running.add_done_callback(lambda _: self._pending.pop(key_hash, None))
+            try:
+                identity = await asyncio.shield(running)
+            except BaseException:
+                if reserved:  # no verdict on the key: no failure
+                    self._buckets.give_back(fails_key, fails, 60)
+                raise
+            self._identities.put(key_hash, (identity, self._clock() + self._ttl))
         now = time.time()
         if (
             identity is None
@@ -145,6 +159,7 @@ class LocalGuard:
             return 401, "unauthorized", None, 0.0
         if reserved:  # the key works: its lookup was no failure
             self._buckets.give_back(fails_key, fails, 60)
+        self._good.put(key_hash, 1.0)
         limit = self._limit(identity.rate_limit_per_minute)
         if identity.ip_allowlist and not allowed(client_ip, identity.ip_allowlist):
             retry = self._buckets.hit(f"forbidden:{identity.key_id}:{bucket}", limit, 60)

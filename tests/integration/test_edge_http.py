@@ -520,6 +520,16 @@ async def test_with_redis_away_the_limits_hold_in_process(servers, client, db, e
         for _ in range(4)
     ]
     assert anon == [200, 200, 200, 429]
+    # concurrent first requests of one working key share one lookup and one
+    # failure slot (with 4 instances the budget is 1 a minute per process)
+    four = await servers(Settings(**{**fields, **away, "edge_instances": 4}))
+    big = await make_user(db, "enterprise")
+    big_key, _ = await make_key(db, big)
+    burst = await asyncio.gather(
+        *(client.get(f"{four.url}/v1/search", headers=hdr(big_key, ip)) for _ in range(6))
+    )
+    assert [r.status_code for r in burst] == [200] * 6
+    assert four.guard.lookups == 1
 
 
 async def test_database_down_cached_keys_work_uncached_get_503(servers, client, db, edge_settings):
