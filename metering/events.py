@@ -79,8 +79,8 @@ class UsageEvent:
     # set when the edge refused the request (forbidden_ip, rate_limited ...):
     # recorded, never billable, never counted against the quota
     rejected: str | None = None
-    # >1: a summary of this many alike refused requests from one unidentified
-    # client (address or IPv6 prefix) within one minute
+    # >1: a summary of this many alike refused requests from one client (a key,
+    # or an address or IPv6 prefix) within one minute
     count: int = 1
 
     @classmethod
@@ -280,10 +280,8 @@ def validate(data: Any) -> UsageEvent:
         raise InvalidEventError("bad_type", "count must be an integer")
     if not 1 <= count <= MAX_UNITS:
         raise InvalidEventError("bad_value", f"count {count} is outside 1-{MAX_UNITS}")
-    if count > 1 and (user_id is not None or rejected is None):
-        raise InvalidEventError(
-            "bad_value", "only refused requests of no known user are summarised (count > 1)"
-        )
+    if count > 1 and rejected is None:
+        raise InvalidEventError("bad_value", "only refused requests are summarised (count > 1)")
 
     return UsageEvent(
         event_id=event_id,

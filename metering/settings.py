@@ -67,8 +67,8 @@ class Settings:
     producer_unbilled_buffer: int = (
         10_000  # refused and anonymous requests' events: their own budget
     )
-    unidentified_per_minute: int = 10  # refused requests of no known user recorded one by one
-    # per client and minute; the rest as one summary record per client, minute and reason
+    refused_records_per_minute: int = 10  # refused requests recorded one by one per client
+    # (key, or address) and minute; the rest as one summary record per client, minute, reason
 
     # local stack (`metering stack`, dev tooling only)
     stack_dir: str = ""  # pid files, logs, Kafka's jars and data; "" = <repository>/.stack
@@ -215,7 +215,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "producer_linger_ms": _between(0, 5_000),
     "producer_buffer": _between(1, 10_000_000),
     "producer_unbilled_buffer": _between(1, 10_000_000),
-    "unidentified_per_minute": _between(0, 1_000_000),
+    "refused_records_per_minute": _between(0, 1_000_000),
     "stack_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
     "kafka_heap": (
         (lambda v: all(p.startswith("-X") for p in v.split())),

@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from metering.edge.summary import UnidentifiedSummary
+from metering.edge.summary import RefusedSummary
 from metering.errors import InvalidEventError
 from metering.events import MAX_RECORD_BYTES, UsageEvent
 
@@ -62,7 +62,7 @@ class ProducerStats:
     retried: int = 0  # send attempts that failed and were put back
     send_errors: int = 0
     dropped_unbilled: int = 0  # of dropped: refused or anonymous requests' events
-    summarised: int = 0  # refused requests of no known user folded into summary records
+    summarised: int = 0  # refused requests folded into summary records
 
 
 class UsageProducer:
@@ -73,7 +73,7 @@ class UsageProducer:
         topic: str = "usage.events",
         buffer_size: int = 100_000,
         unbilled_buffer_size: int = 10_000,
-        summary: UnidentifiedSummary | None = None,
+        summary: RefusedSummary | None = None,
         linger_ms: int = 100,
         max_batch_bytes: int = 256 * 1024,
         client_id: str = "metering-edge",
@@ -120,7 +120,11 @@ class UsageProducer:
             self.stats.dropped += 1
             raise InvalidEventError("too_large", f"event is {len(value)} bytes")
         billable = event.user_id is not None and event.rejected is None
-        if not billable and self._summary is not None and not self._summary.admit(event):
+        if (
+            event.rejected is not None
+            and self._summary is not None
+            and not self._summary.admit(event)
+        ):
             self.stats.summarised += 1
             return True  # counted into a summary record, sent when its minute is over
         return self.emit_raw(event.partition_key, value, billable=billable)

@@ -11,7 +11,7 @@ from typing import Any
 
 from metering.edge.guard import EdgeGuard
 from metering.edge.producer import UsageProducer
-from metering.edge.summary import UnidentifiedSummary
+from metering.edge.summary import RefusedSummary
 from metering.metrics import MetricSet, multiprocess_dir
 
 METRICS_SYNC_S = 1.0
@@ -76,7 +76,7 @@ def edge_metrics(guard: EdgeGuard, producer: UsageProducer) -> MetricSet:
     )
     m.counter(
         "metering_edge_requests_summarised_total",
-        "Refused requests of no known user folded into per-client, per-minute summary records.",
+        "Refused requests folded into per-client, per-minute summary records.",
         lambda: p.summarised,
     )
     m.counter(
@@ -138,8 +138,8 @@ class MeteringEdge:
             linger_ms=settings.producer_linger_ms,
             buffer_size=settings.producer_buffer,
             unbilled_buffer_size=settings.producer_unbilled_buffer,
-            summary=UnidentifiedSummary(
-                allowance=settings.unidentified_per_minute,
+            summary=RefusedSummary(
+                allowance=settings.refused_records_per_minute,
                 ipv6_prefix=settings.ipv6_bucket_prefix,
             ),
         )

@@ -1,13 +1,16 @@
-"""Refused requests of no known user: a few records per client, then summaries.
+"""Refused requests: a few records per client and minute, then summaries.
 
-Keyless 401s, unknown keys, throttled guesses and exhausted anonymous
-allowances cost nothing to send. One usage record each would let anyone grow
-the topic and ``usage_logs`` without bound and slow the worker (which delays
-quota enforcement). :class:`UnidentifiedSummary` lets the first
-``allowance`` such requests per client (address, or IPv6 prefix) and minute
-through as records of their own, and counts the rest per client, minute,
-reason and status; :meth:`flush` turns each count into one record with
-``count`` set (the event contract's summary form), once its minute is over.
+A refused request costs its sender nothing: keyless 401s, guessed keys, a
+key hammering past its rate limit, a leaked key used from outside its
+allowlist. One usage record each would let anyone grow the topic and
+``usage_logs`` without bound and slow the worker (which delays quota
+enforcement). :class:`RefusedSummary` lets the first ``allowance`` refused
+requests per client and minute through as records of their own (a client:
+the key when one was identified, else the address or IPv6 prefix), and at
+most ``cap`` such records per minute in all; the rest are counted per
+client, minute, reason and status, and :meth:`flush` turns each count into
+one record with ``count`` set (the event contract's summary form) once its
+minute is over. Served requests are never summarised.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from metering.events import UsageEvent
 
 
 def client_bucket(ip: str, ipv6_prefix: int) -> str:
-    """The client a refused request is charged to: its IPv4 address, or its
-    IPv6 address's network of ``ipv6_prefix`` bits (written as an address)."""
+    """The client an unidentified refused request is charged to: its IPv4
+    address, or its IPv6 address's network of ``ipv6_prefix`` bits."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -36,39 +39,46 @@ def client_bucket(ip: str, ipv6_prefix: int) -> str:
 
 @dataclass(slots=True)
 class _Tally:
+    first: UsageEvent  # who (user, key, address), endpoint and method of the first one
     count: int = 0
-    endpoint: str = ""
-    method: str = "GET"
     response_ms: float = 0.0
     extra_endpoints: bool = False
 
 
 @dataclass(slots=True)
-class UnidentifiedSummary:
+class RefusedSummary:
     allowance: int = 10  # records of their own per client and minute
     ipv6_prefix: int = 64
-    max_clients: int = 100_000  # beyond: the rest of the minute goes to one "0.0.0.0" client
+    cap: int = 1_000  # records of their own per minute in all, whatever the clients
+    max_clients: int = 100_000  # tallies beyond: the rest of the minute goes to one client
     _seen: dict[tuple[str, int], int] = field(default_factory=dict)
+    _records: dict[int, int] = field(default_factory=dict)  # minute -> records let through
     _tallies: dict[tuple[int, str, str, int], _Tally] = field(default_factory=dict)
     summarised: int = 0  # requests folded into summaries so far
 
     def admit(self, event: UsageEvent) -> bool:
         """True: emit this event itself. False: it was counted into a summary."""
-        if event.user_id is not None or event.rejected is None:
+        if event.rejected is None:
             return True
         minute = int(event.occurred_at.timestamp() // 60)
-        client = client_bucket(event.client_ip, self.ipv6_prefix)
+        if event.api_key_id is not None:
+            client = f"key:{event.api_key_id}"
+        elif event.user_id is not None:
+            client = f"user:{event.user_id}"
+        else:
+            client = client_bucket(event.client_ip, self.ipv6_prefix)
         if (client, minute) not in self._seen and len(self._seen) >= self.max_clients:
             client = "0.0.0.0"
         seen = self._seen.get((client, minute), 0) + 1
         self._seen[(client, minute)] = seen
-        if seen <= self.allowance:
+        if seen <= self.allowance and self._records.get(minute, 0) < self.cap:
+            self._records[minute] = self._records.get(minute, 0) + 1
             return True
         key = (minute, client, event.rejected, event.status_code)
         tally = self._tallies.get(key)
         if tally is None:
-            tally = self._tallies[key] = _Tally(endpoint=event.endpoint, method=event.method)
-        elif event.endpoint != tally.endpoint:
+            tally = self._tallies[key] = _Tally(event)
+        elif event.endpoint != tally.first.endpoint:
             tally.extra_endpoints = True
         tally.count += 1
         tally.response_ms += event.response_time_ms
@@ -83,20 +93,23 @@ class UnidentifiedSummary:
         for key in done:
             minute, client, reason, status = key
             tally = self._tallies.pop(key)
-            start = datetime.fromtimestamp(minute * 60, UTC)
+            first = tally.first
+            identified = first.user_id is not None
             out.append(
                 UsageEvent(
                     # random: two edge processes may summarise the same client
                     # and minute (the producer re-sends the same bytes, id included)
                     event_id=uuid.uuid4(),
-                    occurred_at=start + timedelta(seconds=59, microseconds=999_000),
-                    user_id=None,
-                    api_key_id=None,
-                    endpoint="*" if tally.extra_endpoints else tally.endpoint,
-                    method=tally.method,
+                    occurred_at=datetime.fromtimestamp(minute * 60, UTC)
+                    + timedelta(seconds=59, microseconds=999_000),
+                    user_id=first.user_id,
+                    api_key_id=first.api_key_id,
+                    endpoint="*" if tally.extra_endpoints else first.endpoint,
+                    method=first.method,
                     status_code=status,
                     response_time_ms=round(tally.response_ms / tally.count, 3),
-                    client_ip=client,
+                    # a key's summary shows the first address it came from; else the client
+                    client_ip=first.client_ip if identified else client,
                     bytes_out=None,
                     units=0,
                     rejected=reason,
@@ -105,4 +118,6 @@ class UnidentifiedSummary:
             )
         for k in [k for k in self._seen if everything or k[1] < current]:
             del self._seen[k]
+        for m in [m for m in self._records if everything or m < current]:
+            del self._records[m]
         return out

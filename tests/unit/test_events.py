@@ -230,12 +230,13 @@ def test_rejected_is_a_reason_or_null():
         assert caught.value.reason == reason
 
 
-def test_count_summarises_only_refused_requests_of_no_known_user():
+def test_count_summarises_only_refused_requests():
     policy = TimePolicy(now=NOW)
     summary = record(user_id=None, api_key_id=None, rejected="missing_key", count=40, units=0)
     assert decode(orjson.dumps(summary), policy).count == 40
+    assert decode(orjson.dumps(record(rejected="rate_limited", count=7)), policy).count == 7
     for bad in (
-        record(count=2),  # a user's request
+        record(count=2),  # a user's served request
         record(user_id=None, api_key_id=None, count=2),  # served anonymous
         record(user_id=None, api_key_id=None, rejected="x", count=0),
         record(user_id=None, api_key_id=None, rejected="x", count=True),

@@ -62,7 +62,7 @@ BAD_AND_EDGE = {
     "producer_linger_ms": ("-1", "5000"),
     "producer_buffer": ("0", "1"),
     "producer_unbilled_buffer": ("0", "10000000"),
-    "unidentified_per_minute": ("-1", "0"),
+    "refused_records_per_minute": ("-1", "0"),
     "stack_dir": ("a\0b", "/tmp/stack"),
     "kafka_heap": ("512m", "-Xmx1g"),
     "kafka_controller_port": ("70000", "0"),
