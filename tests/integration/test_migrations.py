@@ -38,6 +38,7 @@ MIGRATIONS = [
     (7, "rejected"),
     (8, "limit_scope"),
     (9, "summaries"),
+    (10, "served_not_refused"),
 ]
 
 
@@ -134,13 +135,20 @@ async def test_seed_functions_and_partition_maintenance(db):
     # One transaction: now() and so "today" stay put even if 00:00 UTC passes.
     async with db.transaction():
         await db.execute(
-            "INSERT INTO daily_usage (user_id, date, request_count)"
-            " VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1000)",
+            "INSERT INTO daily_usage (user_id, date, request_count, rejected_count)"
+            " VALUES ($1, (now() AT TIME ZONE 'UTC')::date, 1030, 30)",
             user,
         )
+        # served requests only: the 30 the edge refused do not count
         assert await db.fetchval("SELECT check_quota_exceeded($1, 1000)", user) is True
         assert await db.fetchval("SELECT check_quota_exceeded($1, 1001)", user) is False
         assert await db.fetchval("SELECT check_quota_exceeded($1, NULL)", user) is False
+        assert (
+            await db.fetchval(
+                "SELECT quota_used_pct FROM daily_usage_report WHERE user_id = $1", user
+            )
+            is None
+        )  # no tier for this bare user
     now = datetime.now(UTC)
     for seconds in (10, 30, 500):
         await db.execute(
@@ -150,6 +158,14 @@ async def test_seed_functions_and_partition_maintenance(db):
             now - timedelta(seconds=seconds),
             user,
         )
+    await db.execute(  # refused by the edge: recorded, not counted
+        "INSERT INTO usage_logs (event_id, created_at, user_id, endpoint, method, status_code,"
+        " response_time_ms, client_ip, rejected, request_count)"
+        " VALUES ($1, $2, $3, '/x', 'GET', 403, 1, '127.0.0.1', 'forbidden_ip', 25)",
+        uuid.uuid4(),
+        now - timedelta(seconds=5),
+        user,
+    )
     assert await db.fetchval("SELECT get_rate_limit($1, 1)", user) == 2
     assert await db.fetchval("SELECT get_rate_limit($1, 60)", user) == 3
 

@@ -225,16 +225,16 @@ async def test_throttled_requests_are_counted_apart(pipeline, db, redis_client, 
     now = datetime.now(UTC)
     events = [
         event(user, now),
-        event(user, now, status_code=429),
+        event(user, now, status_code=429, units=0, rejected="rate_limited"),  # the edge's
         event(user, now, status_code=404),
     ]
     await pipeline.process(raw(events))
     row = await db.fetchrow(
-        "SELECT request_count, client_error_count, throttled_count FROM daily_usage"
+        "SELECT request_count, client_error_count, throttled_count, rejected_count FROM daily_usage"
     )
-    assert tuple(row) == (3, 2, 1)
+    assert tuple(row) == (3, 2, 1, 1)
     t = await UsageCounters(redis=redis_client, prefix=redis_prefix).get(user, now.date())
-    assert t is not None and (t.requests, t.errors, t.throttled) == (3, 2, 1)
+    assert t is not None and (t.requests, t.errors, t.throttled, t.rejected) == (3, 2, 1, 1)
     # the quota function counts served requests only ("today" by PostgreSQL's
     # clock: the row is moved there in one transaction, so 00:00 UTC passing
     # between the write and the check cannot change the answer)
