@@ -103,6 +103,7 @@ class UsageProducer:
         self._summarising: asyncio.Task[None] | None = None
         self._failures: dict[int, int] = {}  # id(item) -> failed deliveries so far
         self._abandoned_at_stop = False
+        self._generation = 0  # one per start(): a late callback of an older run is ignored
         self.stats = ProducerStats()
 
     @property
@@ -177,6 +178,7 @@ class UsageProducer:
                 self._queue = asyncio.Queue()
                 self._failures.clear()
                 self._abandoned_at_stop = False
+            self._generation += 1
             self._task = asyncio.create_task(self._run(), name="metering-producer")
             if self._summary is not None:
                 self._summarising = asyncio.create_task(self._summarise_forever())
@@ -314,6 +316,8 @@ class UsageProducer:
                     n += 1
                 if n == 0:  # a single record larger than a batch: cannot be sent
                     self.stats.dropped += 1
+                    self.stats.dropped_unbilled += not group[0][2]
+                    self._failures.pop(id(group[0]), None)
                     self._release(group[:1])
                     self.stats.send_errors += 1
                     log.error(
@@ -331,7 +335,8 @@ class UsageProducer:
         fut = await self._until_sent(
             "Kafka send", lambda: kafka.send_batch(batch, self._topic, partition=partition)
         )
-        fut.add_done_callback(lambda f: self._delivered(f, items))
+        generation = self._generation
+        fut.add_done_callback(lambda f: self._delivered(f, items, generation))
 
     async def _until_sent(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Retry a Kafka call with capped backoff until it goes through."""
@@ -345,8 +350,10 @@ class UsageProducer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
 
-    def _delivered(self, fut: asyncio.Future[object], items: list[_Item]) -> None:
-        if self._abandoned_at_stop:
+    def _delivered(
+        self, fut: asyncio.Future[object], items: list[_Item], generation: int
+    ) -> None:
+        if self._abandoned_at_stop or generation != self._generation:
             return  # stop() counted these as dropped; its sender is gone
         exc = None if fut.cancelled() else fut.exception()
         if fut.cancelled() or exc is not None:
