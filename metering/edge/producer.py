@@ -350,9 +350,7 @@ class UsageProducer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
 
-    def _delivered(
-        self, fut: asyncio.Future[object], items: list[_Item], generation: int
-    ) -> None:
+    def _delivered(self, fut: asyncio.Future[object], items: list[_Item], generation: int) -> None:
         if self._abandoned_at_stop or generation != self._generation:
             return  # stop() counted these as dropped; its sender is gone
         exc = None if fut.cancelled() else fut.exception()
