@@ -34,6 +34,20 @@ def bucket_hex(addr_hex: str, ipv6_prefix: int) -> str:
     return out.ljust(32, "0") + f"/{ipv6_prefix}"
 
 
+def client_bucket(ip: str, ipv6_prefix: int) -> str:
+    """:func:`bucket_hex`'s bucket written as an address (usage records): the
+    IPv4 address, or the IPv6 address's network of ``ipv6_prefix`` bits."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return "0.0.0.0"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{addr}/{ipv6_prefix}", strict=False).network_address)
+    return str(addr)
+
+
 def network_hex(cidr: str) -> str:
     net = ipaddress.ip_network(cidr, strict=False)
     return f"{net.network_address.packed.hex()}/{net.prefixlen}"

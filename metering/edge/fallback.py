@@ -19,7 +19,6 @@ Buckets and identities are bounded (least recently used go first).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -89,6 +88,7 @@ class LocalGuard:
         self,
         *,
         look_up: LookUp,
+        in_flight: Callable[[str], bool],
         instances: int = 1,
         anonymous_per_day: int = 50,
         auth_failures_per_minute: int = 5,
@@ -96,7 +96,8 @@ class LocalGuard:
         size: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._look_up = look_up
+        self._look_up = look_up  # concurrent calls for one key share one lookup
+        self._in_flight = in_flight  # is a lookup of this key under way?
         self._share = max(1, instances)
         self._anon = anonymous_per_day
         self._fails = auth_failures_per_minute
@@ -105,7 +106,6 @@ class LocalGuard:
         self._buckets = LocalBuckets(size, clock)
         self._identities: Bounded[tuple[Identity | None, float]] = Bounded(size)
         self._good: Bounded[float] = Bounded(size)  # key hashes that worked lately
-        self._pending: dict[str, asyncio.Future[Identity | None]] = {}
 
     def _limit(self, per_all_instances: int) -> int:
         return max(1, per_all_instances // self._share)
@@ -128,19 +128,16 @@ class LocalGuard:
         reserved = False
         if cached is not None and cached[1] > self._clock():
             identity = cached[0]
-        elif (running := self._pending.get(key_hash)) is not None:
-            identity = await asyncio.shield(running)  # its lookup is under way: share it
+        elif self._in_flight(key_hash):
+            identity = await self._look_up(key_hash)  # its lookup is under way: share it
         else:
             if not self._good.get(key_hash):  # a key that worked lately is no guess
                 if throttled:  # an unknown key costs a lookup: only within the budget
                     return 429, "auth_throttled", None, throttled
                 self._buckets.hit(fails_key, fails, 60)  # reserved before the lookup
                 reserved = True
-            running = asyncio.ensure_future(self._look_up(key_hash))
-            self._pending[key_hash] = running
-            running.add_done_callback(lambda _: self._pending.pop(key_hash, None))
             try:
-                identity = await asyncio.shield(running)
+                identity = await self._look_up(key_hash)
             except BaseException:
                 if reserved:  # no verdict on the key: no failure
                     self._buckets.give_back(fails_key, fails, 60)

@@ -114,6 +114,7 @@ class EdgeGuard:
         self._background: set[asyncio.Future[Any]] = set()
         self._local = LocalGuard(  # what still holds while Redis is away (fail-open)
             look_up=self._lookups.look_up,
+            in_flight=self._lookups.looking_up,
             instances=edge_instances,
             anonymous_per_day=anonymous_per_day,
             auth_failures_per_minute=auth_failures_per_minute,

@@ -44,6 +44,10 @@ class KeyLookups:
         """Just the identity (Redis is away)."""
         return await self._shared(("plain", key_hash), lambda: self._look_up(key_hash))
 
+    def looking_up(self, key_hash: str) -> bool:
+        """Is a plain lookup of this key under way (a call now would join it)?"""
+        return ("plain", key_hash) in self._running
+
     async def _shared(self, key: tuple[str, str], start: Callable[[], Awaitable[T]]) -> T:
         running = self._running.get(key)
         if running is None:

@@ -15,26 +15,12 @@ minute is over. Served requests are never summarised.
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from metering.addresses import client_bucket
 from metering.events import UsageEvent
-
-
-def client_bucket(ip: str, ipv6_prefix: int) -> str:
-    """The client an unidentified refused request is charged to: its IPv4
-    address, or its IPv6 address's network of ``ipv6_prefix`` bits."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return "0.0.0.0"
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{addr}/{ipv6_prefix}", strict=False).network_address)
-    return str(addr)
 
 
 @dataclass(slots=True)

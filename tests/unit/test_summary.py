@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from metering.edge.summary import RefusedSummary, client_bucket
+from metering.addresses import client_bucket
+from metering.edge.summary import RefusedSummary
 from metering.events import UsageEvent
 
 T0 = datetime(2026, 12, 6, 10, 0, 5, tzinfo=UTC)
