@@ -18,6 +18,21 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         # The DLQ keeps records for 30 days so an operator can inspect and replay.
         NewTopic(settings.dlq_topic, 1, rf, topic_configs={"retention.ms": str(30 * 86_400_000)}),
         NewTopic(settings.alerts_topic, 1, rf),
+        # The detectors' state, one partition per events partition, compacted
+        # (the latest record of each bucket is the state); small segments so
+        # compaction keeps it near the size of the live state.
+        NewTopic(
+            settings.detection_state_topic,
+            settings.events_partitions,
+            rf,
+            topic_configs={
+                "cleanup.policy": "compact",
+                "segment.bytes": str(64 * 1024 * 1024),
+                "segment.ms": str(3_600_000),
+                "min.cleanable.dirty.ratio": "0.2",
+                "max.compaction.lag.ms": str(6 * 3_600_000),
+            },
+        ),
     ]
 
 

@@ -70,6 +70,17 @@ class Settings:
     refused_records_per_minute: int = 10  # refused requests recorded one by one per client
     # (key, or address) and minute; the rest as one summary record per client, minute, reason
 
+    # anomaly detection (metering/detect/rules.py has every threshold and its default)
+    detection_enabled: bool = True
+    detection_rules: str = ""  # JSON object overriding thresholds, e.g. {"spike_factor": 6}
+    detection_state_topic: str = "metering.detection.state"  # compacted changelog
+    detection_checkpoint_s: float = 10.0  # state saved this often (a crash replays at most this)
+    detection_revoke: bool = False  # critical findings revoke the key (else quarantine + rotation)
+    forced_rotation_hours: float = 24.0  # a forced rotation's deadline
+    rotation_url: str = "/keys/rotate"  # where an owner rotates a key (the Sunset Link header)
+    webhook_max_attempts: int = 10  # deliveries retried with backoff, then marked failed
+    webhook_timeout_s: float = 10.0
+
     # local stack (`metering stack`, dev tooling only)
     stack_dir: str = ""  # pid files, logs, Kafka's jars and data; "" = <repository>/.stack
     kafka_heap: str = "-Xms256m -Xmx512m"
@@ -113,11 +124,13 @@ class Settings:
             if not good:
                 shown = "(set)" if name == "key_pepper" else repr(_without_password(value))
                 raise ConfigurationError(f"{PREFIX}{name.upper()}={shown}: must be {allowed}")
-        topics = {self.events_topic, self.dlq_topic, self.alerts_topic}
-        if len(topics) != 3:
+        topics = {
+            self.events_topic, self.dlq_topic, self.alerts_topic, self.detection_state_topic
+        }  # fmt: skip
+        if len(topics) != 4:
             raise ConfigurationError(
-                "METERING_EVENTS_TOPIC, METERING_DLQ_TOPIC and METERING_ALERTS_TOPIC "
-                "must be three different topics"
+                "METERING_EVENTS_TOPIC, METERING_DLQ_TOPIC, METERING_ALERTS_TOPIC and "
+                "METERING_DETECTION_STATE_TOPIC must be four different topics"
             )
 
 
@@ -160,6 +173,13 @@ def _cidrs(value: str) -> bool:
     for item in value.split(","):
         if item.strip():
             ipaddress.ip_network(item.strip(), strict=False)  # ValueError: not a CIDR
+    return True
+
+
+def _detection_rules(value: str) -> bool:
+    from metering.detect.rules import parse_overrides  # the rules own their names
+
+    parse_overrides(value)  # InputError: refused
     return True
 
 
@@ -216,6 +236,21 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "producer_buffer": _between(1, 10_000_000),
     "producer_unbilled_buffer": _between(1, 10_000_000),
     "refused_records_per_minute": _between(0, 1_000_000),
+    "detection_enabled": ((lambda v: isinstance(v, bool)), "true or false"),
+    "detection_rules": (
+        lambda v: _detection_rules(v),
+        'a JSON object of detection thresholds (see docs/anomalies.md), e.g. {"spike_factor": 6}',
+    ),
+    "detection_state_topic": _topic,
+    "detection_checkpoint_s": ((lambda v: 0.1 <= v <= 3600), ">= 0.1 and <= 3600"),
+    "detection_revoke": ((lambda v: isinstance(v, bool)), "true or false"),
+    "forced_rotation_hours": ((lambda v: 0 < v <= 8_760), "> 0 and <= 8760"),
+    "rotation_url": (
+        (lambda v: bool(v) and v.isprintable() and " " not in v and ">" not in v),
+        "a URL or path without spaces",
+    ),
+    "webhook_max_attempts": _between(1, 100),
+    "webhook_timeout_s": ((lambda v: 0 < v <= 300), "> 0 and <= 300"),
     "stack_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
     "kafka_heap": (
         (lambda v: all(p.startswith("-X") for p in v.split())),

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, cast
 
@@ -41,116 +41,19 @@ import faust
 import mode
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    KafkaError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-)
-from faust.exceptions import ProducerSendError
+from aiokafka.errors import KafkaError
 
-from metering.errors import ServiceUnavailable
 from metering.events import TimePolicy
 from metering.settings import Settings
 from metering.usage.counters import UsageCounters
-from metering.usage.deadletters import DeadLetter, RawRecord
+from metering.usage.deadletters import RawRecord
 from metering.usage.pipeline import UsagePipeline
+from streams.deadletters import FaustDeadLetters
+from streams.detection import Detection
 
 log = logging.getLogger(__name__)
 
 Offsets = dict[TopicPartition, int]
-
-
-_SIZE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
-
-
-def _is_size_error(exc: BaseException) -> bool:
-    """The record is too large for the producer or the topic: retrying never helps."""
-    return isinstance(exc, _SIZE_ERRORS) or isinstance(exc.__cause__, _SIZE_ERRORS)
-
-
-_KAFKA_ERRORS = (KafkaError, ProducerSendError)
-
-
-class FaustDeadLetters:
-    """Publishes dead letters with the app's producer and waits for the acks.
-
-    A letter larger than the producer's request size goes out truncated
-    (:meth:`DeadLetter.fitted`); if it is refused for its size anyway (a DLQ
-    topic with a smaller ``max.message.bytes``) or by the client itself, it
-    goes out minimal (headers and an empty value). A letter not even that can
-    be published is logged and counted (``unpublishable``), never retried:
-    a refusal that never heals must not stall the partition. Any other
-    failure (timeouts, a broker away) is an outage: :class:`ServiceUnavailable`,
-    which the pipeline retries (dead letters are at-least-once).
-    """
-
-    def __init__(self, topic: faust.types.TopicT, *, max_request_bytes: int) -> None:
-        self._topic = topic
-        self._max_bytes = max_request_bytes - 1024
-        self.unpublishable = 0
-
-    async def send(self, letters: Sequence[DeadLetter]) -> None:
-        outage: BaseException | None = None
-        pending: list[tuple[DeadLetter, Awaitable[object]]] = []
-        for letter in letters:
-            try:
-                pending.append((letter, await self._enqueue(letter)))
-            except _KAFKA_ERRORS as exc:
-                outage = exc
-                break
-        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-        for (letter, _), result in zip(pending, results, strict=True):
-            if not isinstance(result, BaseException):
-                continue
-            if not _is_size_error(result):
-                outage = outage or result
-                continue
-            try:
-                await (await self._enqueue(letter, minimal=True))
-            except _KAFKA_ERRORS as exc:
-                if not _is_size_error(exc):
-                    outage = outage or exc
-                    continue
-                self._give_up(letter, exc)
-        if outage is not None:
-            raise ServiceUnavailable(f"dead-letter publish failed: {outage!r}") from outage
-
-    async def _enqueue(self, letter: DeadLetter, *, minimal: bool = False) -> Awaitable[object]:
-        """Hand one letter to the producer; the returned future resolves on the ack."""
-        key, value, headers = letter.fitted(self._max_bytes, minimal=minimal)
-        if value is not letter.record.value and value:
-            log.warning(
-                "dead letter from %s[%d]@%d is %d bytes: published truncated",
-                letter.record.topic,
-                letter.record.partition,
-                letter.record.offset,
-                len(letter.record.value or b""),
-            )
-        try:
-            return await self._topic.send(key=key, value=value, headers=headers)
-        except _KAFKA_ERRORS as exc:
-            if minimal or not _is_size_error(exc):
-                raise
-        except Exception as exc:  # the client refused the record before Kafka saw it
-            if minimal:
-                return self._give_up(letter, exc)
-        return await self._enqueue(letter, minimal=True)
-
-    def _give_up(self, letter: DeadLetter, exc: BaseException) -> Awaitable[object]:
-        self.unpublishable += 1
-        log.critical(
-            "dead letter from %s[%d]@%d (%s) cannot be published even without its value "
-            "(%r); skipped: the record stays in the source topic for its retention",
-            letter.record.topic,
-            letter.record.partition,
-            letter.record.offset,
-            letter.reason,
-            exc,
-        )
-        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -164,9 +67,15 @@ class _Rebalance(ConsumerRebalanceListener):
             self._owner.inflight,
         )
         await self._owner.drain()
+        detection = self._owner.detection
+        if detection is not None:  # save their state, then commit what it covers
+            await detection.revoked(tp.partition for tp in revoked)
+            await self._owner.commit_retired(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("usage consumer assigned %s", sorted(tp.partition for tp in assigned))
+        if self._owner.detection is not None:  # before their first batch
+            await self._owner.detection.assigned(tp.partition for tp in assigned)
 
 
 class UsageConsumer(mode.Service):
@@ -179,9 +88,11 @@ class UsageConsumer(mode.Service):
         pipeline: UsagePipeline,
         dead_letters: FaustDeadLetters,
         redis: aioredis.Redis,
+        detection: Detection | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
+        self.detection = detection
         self.pipeline = pipeline
         self.dead_letters = dead_letters
         self._redis = redis
@@ -190,12 +101,16 @@ class UsageConsumer(mode.Service):
     def __post_init__(self) -> None:
         self._consumer: AIOKafkaConsumer | None = None
         self._inflight: deque[tuple[asyncio.Task[object], Offsets]] = deque()
+        self._retired: Offsets = {}  # written to PostgreSQL; committed as far as detection allows
         self._retire_lock = asyncio.Lock()
         self._fetching = True
         self._stopping = False
         self._loop_done = asyncio.Event()
 
     async def on_start(self) -> None:
+        if self.detection is not None:
+            self.detection.after_checkpoint = lambda: self.commit_retired()
+            await self.detection.start()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=f"{self.settings.worker_id}-usage-events",
@@ -224,10 +139,15 @@ class UsageConsumer(mode.Service):
         if self._consumer is not None:
             try:
                 await self.drain()
+                if self.detection is not None:  # save the state, commit what it covers
+                    await self.detection.checkpoint()
+                    await self.commit_retired()
             except Exception:
                 log.exception("could not finish the batches in flight; Kafka will redeliver them")
             await self._consumer.stop()
             self._consumer = None
+        if self.detection is not None:
+            await self.detection.stop()
         await self.pipeline.stop()
         await self._redis.aclose()
 
@@ -302,6 +222,28 @@ class UsageConsumer(mode.Service):
                 offsets = {tp: offset for tp, offset in offsets.items() if tp in owned}
                 if not offsets:
                     return
+            self._retired.update(offsets)
+            await self._commit(consumer, offsets)
+
+    async def commit_retired(self, tps: Sequence[TopicPartition] | None = None) -> None:
+        """Commit what was written, as far as the detection state is saved
+        (after a checkpoint, and before partitions are handed over)."""
+        async with self._retire_lock:
+            consumer = self._consumer
+            if consumer is None:
+                return
+            owned = consumer.assignment()
+            chosen = self._retired if tps is None else {tp: self._retired.get(tp) for tp in tps}
+            offsets = {tp: o for tp, o in chosen.items() if o is not None and tp in owned}
+            if offsets:
+                await self._commit(consumer, offsets)
+            for tp in tps or ():
+                self._retired.pop(tp, None)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: Offsets) -> None:
+        if self.detection is not None:  # not past events whose detection state is unsaved
+            offsets = {tp: self.detection.cap(tp.partition, o) for tp, o in offsets.items()}
+        if offsets:
             try:
                 await consumer.commit(offsets)
             except KafkaError as exc:
@@ -359,6 +301,7 @@ def add_usage_consumer(
             retention=timedelta(days=settings.retention_days),
         )
 
+    detection = Detection(settings) if settings.detection_enabled else None
     pipeline = UsagePipeline(
         database_url=settings.database_url,
         counters=UsageCounters(redis=redis_client, prefix=settings.redis_key_prefix),
@@ -369,9 +312,14 @@ def add_usage_consumer(
         retention_days=settings.retention_days,
         partitions_ahead_months=settings.partitions_ahead_months,
         observe_batch_seconds=observe_batch_seconds,
+        observe_events=detection.observe if detection is not None else None,
     )
     consumer = UsageConsumer(
-        settings=settings, pipeline=pipeline, dead_letters=dead_letters, redis=redis_client
+        settings=settings,
+        pipeline=pipeline,
+        dead_letters=dead_letters,
+        redis=redis_client,
+        detection=detection,
     )
     # app.service takes a class or an instance (Faust starts either with the app)
     app.service(cast(Any, consumer))

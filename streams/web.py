@@ -8,6 +8,7 @@ import faust
 from faust.web import Request, Response, View
 
 from metering.metrics import CONTENT_TYPE, MetricSet
+from streams.detection import Detection
 from streams.usage import UsageConsumer
 
 
@@ -77,7 +78,56 @@ def worker_metrics(consumer: UsageConsumer) -> MetricSet:
         "Seconds since the last batch committed (-1: none yet).",
         lambda: round(time.time() - s.last_batch_at, 3) if s.last_batch_at else -1,
     )
+    if consumer.detection is not None:
+        detection_metrics(m, consumer.detection)
     return m
+
+
+def detection_metrics(m: MetricSet, d: Detection) -> None:
+    st = d.detector.stats
+    m.counter("metering_detection_events_total", "Events the rules saw.", lambda: st.events)
+    m.counter(
+        "metering_detection_replayed_total",
+        "Replayed events the restored state already held (skipped).",
+        lambda: st.skipped,
+    )
+    m.counter(
+        "metering_detection_findings_total", "Findings the rules raised.", lambda: st.findings
+    )
+    m.counter(
+        "metering_detection_recorded_total", "Findings recorded as alerts.", lambda: d.recorded
+    )
+    m.counter(
+        "metering_detection_record_failures_total",
+        "Attempts to record a finding that failed (retried).",
+        lambda: d.record_failures,
+    )
+    m.counter(
+        "metering_detection_checkpoints_total",
+        "Detection state saved to its changelog.",
+        lambda: d.checkpoints,
+    )
+    m.gauge("metering_detection_keys", "Keys with detection state.", lambda: d.detector.size()[0])
+    m.gauge(
+        "metering_detection_addresses",
+        "Addresses with failed-authentication state.",
+        lambda: d.detector.size()[1],
+    )
+    m.gauge(
+        "metering_detection_restore_seconds",
+        "How long the last restore of the state took.",
+        lambda: d.last_restore_s,
+    )
+    sent = d.sender.stats
+    m.counter("metering_webhook_attempts_total", "Webhook attempts.", lambda: sent.attempts)
+    m.counter(
+        "metering_webhook_delivered_total", "Webhooks delivered (2xx).", lambda: sent.delivered
+    )
+    m.counter(
+        "metering_webhook_given_up_total",
+        "Webhooks that failed every attempt.",
+        lambda: sent.given_up,
+    )
 
 
 def add_web_views(app: faust.App, consumer: UsageConsumer, metrics: MetricSet) -> None:

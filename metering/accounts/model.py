@@ -59,6 +59,8 @@ class KeyInfo:
     rotates_at: datetime | None
     rotated_from: uuid.UUID | None
     key_hash: str
+    quarantine_limit: int | None = None  # a quarantine's per-minute limit
+    rotate_by: datetime | None = None  # a forced rotation's deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,8 @@ class Identity:
     rate_limit_per_minute: int
     limits_mode: str  # effective: the key's, else the tier's
     limit_key: str  # whose per-minute bucket: "user:<id>", or "key:<lineage>" per the tier
+    # a forced rotation's deadline (unix seconds): the edge sends it as Sunset
+    rotate_by: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from redis.exceptions import RedisError
@@ -33,6 +33,7 @@ from metering.accounts.model import (
     validate_scopes,
 )
 from metering.errors import InputError
+from metering.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class AccountsService:
         async with self._conn() as conn:
             return await work(conn)
 
-    async def _change(self, work: Change[T]) -> T:
+    async def change(self, work: Change[T]) -> T:
         """``work`` in one transaction; its stamps invalidated before the commit
         and refreshed after it."""
         async with self._conn() as conn:
@@ -186,7 +187,7 @@ class AccountsService:
             stamps = await store.set_user_tier(conn, found.id, tier)
             return await store.get_user(conn, found.id), stamps
 
-        return await self._change(work)
+        return await self.change(work)
 
     async def suspend(self, user: uuid.UUID | str) -> User:
         """Every key of the user stops working on every edge's next request."""
@@ -201,7 +202,7 @@ class AccountsService:
             stamps = await store.set_user_status(conn, found.id, status)
             return await store.get_user(conn, found.id), stamps
 
-        return await self._change(work)
+        return await self.change(work)
 
     # -- keys ------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class AccountsService:
                 rotated_from=None,
             ), []
 
-        return await self._change(work)
+        return await self.change(work)
 
     async def _insert_key(
         self,
@@ -322,7 +323,7 @@ class AccountsService:
             )
             return (new, info, await store.get_key(conn, str(old.id))), [stamp]
 
-        return await self._change(work)
+        return await self.change(work)
 
     async def revoke_key(self, ref: str, *, reason: str) -> KeyInfo:
         """Stops the key on every edge's next request."""
@@ -337,7 +338,7 @@ class AccountsService:
             await store.audit(conn, key.id, "revoked", {"reason": reason})
             return await store.get_key(conn, str(key.id)), [stamp]
 
-        return await self._change(work)
+        return await self.change(work)
 
     async def delete_key(self, ref: str) -> KeyInfo:
         """Soft delete: the row stays for the audit trail and usage history."""
@@ -350,4 +351,23 @@ class AccountsService:
             await store.audit(conn, key.id, "deleted", {})
             return await store.get_key(conn, str(key.id)), [stamp]
 
-        return await self._change(work)
+        return await self.change(work)
+
+
+def for_settings(
+    settings: Settings, db: asyncpg.Connection | asyncpg.Pool, redis: Any
+) -> AccountsService:
+    """The service as the CLI and the worker build it: the edges' cache in
+    ``redis`` (an asyncio client), the settings' pepper and grace period."""
+    return AccountsService(
+        db,
+        cache=IdentityCache(
+            redis,
+            prefix=settings.redis_key_prefix,
+            ttl_s=settings.key_cache_ttl_s,
+            # a key that stopped working stays refused in the cache longer
+            negative_ttl_s=max(300, settings.key_cache_ttl_s * 2),
+        ),
+        pepper=settings.pepper,
+        rotation_grace=timedelta(hours=settings.rotation_grace_hours),
+    )

@@ -54,6 +54,11 @@ Q_DELETE_KEY = get("delete_key")
 Q_AUDIT_KEY_EVENT = get("audit_key_event")
 Q_LOOKUP_IDENTITY = get("lookup_identity")
 Q_TOUCH_LAST_USED = get("touch_last_used")
+Q_QUARANTINE_KEY = get("quarantine_key")
+Q_LIFT_QUARANTINE = get("lift_quarantine")
+Q_FORCE_ROTATION = get("force_rotation")
+Q_CANCEL_FORCED_ROTATION = get("cancel_forced_rotation")
+Q_REINSTATE_KEY = get("reinstate_key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +316,7 @@ async def lookup_identity(conn: asyncpg.Connection, key_hash: str) -> tuple[Iden
         rate_limit_per_minute=r["rate_limit_per_minute"],
         limits_mode=r["limits_mode"],
         limit_key=r["limit_key"],
+        rotate_by=r["rotate_by"].timestamp() if r["rotate_by"] else None,
     )
     return identity, r["version"]
 
@@ -322,3 +328,9 @@ async def touch_last_used(conn: asyncpg.Connection, seen: dict[str, float]) -> N
     ids = [uuid.UUID(k) for k in seen]
     times = [datetime.fromtimestamp(t, UTC) for t in seen.values()]
     await conn.execute(Q_TOUCH_LAST_USED, ids, times)
+
+
+async def stamp(conn: asyncpg.Connection, query: str, *args: Any) -> Stamp | None:
+    """Run one of the key-security updates; its stamp, or None if it changed nothing."""
+    row = await conn.fetchrow(query, *args)
+    return None if row is None else Stamp(row["key_hash"], row["version"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TypeVar
 
@@ -90,24 +90,13 @@ def run(settings: Settings, work: Callable[[AccountsService], Awaitable[T]]) -> 
     async def go() -> T:
         import redis.asyncio as aioredis
 
-        from metering.accounts import IdentityCache
+        from metering.accounts.service import for_settings
         from metering.db import connect
 
         conn = await connect(settings.database_url)
         client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         try:
-            service = AccountsService(
-                conn,
-                cache=IdentityCache(
-                    client,
-                    prefix=settings.redis_key_prefix,
-                    ttl_s=settings.key_cache_ttl_s,
-                    # a key that stopped working stays refused in the cache longer
-                    negative_ttl_s=max(300, settings.key_cache_ttl_s * 2),
-                ),
-                pepper=settings.pepper,
-                rotation_grace=timedelta(hours=settings.rotation_grace_hours),
-            )
+            service = for_settings(settings, conn, client)
             return await work(service)
         finally:
             await client.aclose()

@@ -1,5 +1,4 @@
 """The usage pipeline: one batch of raw Kafka records in, committed usage out.
-
 Plain async code with no Faust in it: the stream agent hands each batch to
 :meth:`UsagePipeline.process`, and tests and benchmarks call it directly.
 
@@ -20,15 +19,13 @@ dead letter; nothing a record contains can stop the pipeline):
   that would fail any row (read-only, permissions, statement timeout, I/O,
   a missing table; see :mod:`metering.db.connect`): the pipeline *pauses*:
   it drops the connection and retries on a new one with capped backoff for
-  as long as it takes, logs the outage once as an error and reports it in
-  :attr:`PipelineStats.paused_since`; the batch is not acknowledged
-  meanwhile, so Kafka keeps the events. Nothing is dead-lettered;
+  as long as it takes, logs the outage once and reports it in ``paused_since``;
+  the batch is not acknowledged, so Kafka keeps the events. Nothing is dead-lettered;
 * PostgreSQL refuses a row's data (SQLSTATE class 22 or 23: a value the
   contract let through but a constraint does not): the batch is split in
   halves until the refused events are alone, and those become dead letters
   (``rejected_by_database``); the rest lands;
-* a dead letter too large for the producer is published truncated (see
-  :meth:`DeadLetter.fitted`), so it never blocks;
+* a dead letter too large for the producer goes out truncated (DeadLetter.fitted);
 * Redis unreachable: counters are skipped, the pipeline keeps going, and
   the next :meth:`reconcile` rebuilds them from PostgreSQL.
 """
@@ -113,8 +110,10 @@ class UsagePipeline:
         max_backoff_s: float = 30.0,
         command_timeout_s: float = 30.0,
         observe_batch_seconds: Callable[[float], None] | None = None,
+        observe_events: Callable[[list[UsageEvent], dict[int, RawRecord]], object] | None = None,
     ) -> None:
         self._counters = counters
+        self._observe_events = observe_events  # the detector: each decoded batch, in fetch order
         self._observe_batch = observe_batch_seconds or (lambda seconds: None)
         self._dead_letters = dead_letters
         self._policy = policy
@@ -186,7 +185,8 @@ class UsagePipeline:
                 continue
             events.append(event)
             sources[id(event)] = rec
-
+        if self._observe_events is not None:  # before any await: batches stay in order
+            self._observe_events(events, sources)
         slot = await self._idle.get()
         try:
             result, rejected = await self._write(slot, events, sources)

@@ -124,6 +124,8 @@ async def kafka_settings(
         events_topic=f"test.{tag}.usage.events",
         dlq_topic=f"test.{tag}.usage.events.dlq",
         alerts_topic=f"test.{tag}.keys.alerts",
+        detection_state_topic=f"test.{tag}.detection.state",
+        detection_checkpoint_s=1.0,
         events_partitions=3,
         worker_id=f"test-{tag}",
         database_url=database_url,

@@ -305,7 +305,7 @@ async def test_every_status_path(servers, client, db, edge_settings, redis_clien
     # and it stays so when its cache entry expires while guesses keep the
     # address's budget spent: it worked from here, so its miss is no guess
     neighbour_hash = (await accounts.get_key(db, neighbour_key[:16])).key_hash
-    await redis_client.delete(f"{edge_settings.redis_key_prefix}:id2:{neighbour_hash}")
+    await redis_client.delete(f"{edge_settings.redis_key_prefix}:id3:{neighbour_hash}")
     r = await client.get(f"{srv.url}/v1/search", headers=hdr(neighbour_key, attacker))
     assert r.status_code == 200, r.text
 

@@ -39,6 +39,7 @@ MIGRATIONS = [
     (8, "limit_scope"),
     (9, "summaries"),
     (10, "served_not_refused"),
+    (11, "anomalies"),
 ]
 
 

@@ -19,7 +19,7 @@ def test_settings_from_env_and_overrides():
     [
         ({"METERING_BATCH_SIZE": "many"}, "METERING_BATCH_SIZE='many' is not a valid int"),
         ({"METERING_WEB_ENABLED": "maybe"}, "METERING_WEB_ENABLED"),
-        ({"METERING_EVENTS_TOPIC": "a", "METERING_DLQ_TOPIC": "a"}, "three different topics"),
+        ({"METERING_EVENTS_TOPIC": "a", "METERING_DLQ_TOPIC": "a"}, "four different topics"),
     ],
 )
 def test_bad_settings_name_themselves(env, message):
@@ -63,6 +63,15 @@ BAD_AND_EDGE = {
     "producer_buffer": ("0", "1"),
     "producer_unbilled_buffer": ("0", "10000000"),
     "refused_records_per_minute": ("-1", "0"),
+    "detection_enabled": None,  # coercion refuses anything but a boolean word
+    "detection_rules": ('{"nope": 1}', '{"spike_factor": 6}'),
+    "detection_state_topic": ("bad topic", "state.v2"),
+    "detection_checkpoint_s": ("0", "0.1"),
+    "detection_revoke": None,
+    "forced_rotation_hours": ("0", "0.5"),
+    "rotation_url": ("has space", "https://console.example/keys"),
+    "webhook_max_attempts": ("0", "100"),
+    "webhook_timeout_s": ("0", "300"),
     "stack_dir": ("a\0b", "/tmp/stack"),
     "kafka_heap": ("512m", "-Xmx1g"),
     "kafka_controller_port": ("70000", "0"),

@@ -72,19 +72,19 @@ VALUES ($1, $2, $3, $4, $5, $6, $7::cidr[], $8, $9, $10,
         (SELECT coalesce(p.lineage_id, p.id) FROM api_keys p WHERE p.id = $10))
 RETURNING id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
           status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
-          key_hash;
+          key_hash, quarantine_limit, rotate_by;
 
 -- name: key_by_id
 SELECT id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
        status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
-       key_hash
+       key_hash, quarantine_limit, rotate_by
 FROM api_keys
 WHERE id = $1;
 
 -- name: key_by_prefix
 SELECT id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
        status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
-       key_hash
+       key_hash, quarantine_limit, rotate_by
 FROM api_keys
 WHERE prefix = $1;
 
@@ -92,7 +92,7 @@ WHERE prefix = $1;
 -- A user's keys ($1, or everyone's when NULL); deleted ones only when $2.
 SELECT id, user_id, name, prefix, environment, scopes, ip_allowlist::text[] AS ip_allowlist,
        status, limits_mode, created_at, last_used_at, expires_at, rotates_at, rotated_from,
-       key_hash
+       key_hash, quarantine_limit, rotate_by
 FROM api_keys
 WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2 OR status <> 'deleted')
 ORDER BY created_at;
@@ -129,12 +129,18 @@ INSERT INTO api_key_events (api_key_id, action, detail) VALUES ($1, $2, $3::json
 -- name: lookup_identity
 -- What the edge needs to decide on a request, by key hash (the UNIQUE index).
 -- Unusable keys are returned too: their version orders the cache's entries.
-SELECT k.id, k.user_id, k.prefix, k.status, k.version, k.expires_at, k.rotates_at, k.scopes,
+-- A forced rotation's deadline is an expiry; a quarantine is a limit of the
+-- key's own, always enforced (least() ignores NULLs).
+SELECT k.id, k.user_id, k.prefix, k.status, k.version,
+       least(k.expires_at, k.rotate_by) AS expires_at, k.rotate_by, k.rotates_at, k.scopes,
        k.ip_allowlist::text[] AS ip_allowlist,
-       coalesce(k.limits_mode, t.limits_mode) AS limits_mode,
-       u.status AS user_status, t.name AS tier, t.daily_quota, t.rate_limit_per_minute,
-       CASE t.rate_limit_scope WHEN 'key' THEN 'key:' || coalesce(k.lineage_id, k.id)
-                               ELSE 'user:' || k.user_id END AS limit_key
+       CASE WHEN k.quarantine_limit IS NOT NULL THEN 'enforce'
+            ELSE coalesce(k.limits_mode, t.limits_mode) END AS limits_mode,
+       u.status AS user_status, t.name AS tier, t.daily_quota,
+       least(t.rate_limit_per_minute, k.quarantine_limit) AS rate_limit_per_minute,
+       CASE WHEN k.quarantine_limit IS NOT NULL THEN 'quarantine:' || k.id
+            WHEN t.rate_limit_scope = 'key' THEN 'key:' || coalesce(k.lineage_id, k.id)
+            ELSE 'user:' || k.user_id END AS limit_key
 FROM api_keys k
 JOIN users u ON u.id = k.user_id
 JOIN access_tiers t ON t.id = u.tier_id
@@ -145,3 +151,38 @@ WHERE k.key_hash = $1;
 UPDATE api_keys k SET last_used_at = greatest(coalesce(k.last_used_at, v.ts), v.ts)
 FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, ts)
 WHERE k.id = v.id;
+
+-- name: quarantine_key
+-- The key's per-minute limit drops to $2 (its own bucket, always enforced).
+UPDATE api_keys
+SET quarantine_limit = $2, quarantined_at = now(), version = nextval('api_key_versions')
+WHERE id = $1 AND status IN ('active', 'rotating')
+RETURNING key_hash, version;
+
+-- name: lift_quarantine
+UPDATE api_keys
+SET quarantine_limit = NULL, quarantined_at = NULL, version = nextval('api_key_versions')
+WHERE id = $1 AND quarantine_limit IS NOT NULL
+RETURNING key_hash, version;
+
+-- name: force_rotation
+-- The key stops at $2 unless an earlier deadline stands; until then the edge
+-- answers with Sunset.
+UPDATE api_keys
+SET rotate_by = least(rotate_by, $2), version = nextval('api_key_versions')
+WHERE id = $1 AND status IN ('active', 'rotating')
+RETURNING key_hash, version;
+
+-- name: cancel_forced_rotation
+UPDATE api_keys
+SET rotate_by = NULL, version = nextval('api_key_versions')
+WHERE id = $1 AND rotate_by IS NOT NULL
+RETURNING key_hash, version;
+
+-- name: reinstate_key
+-- Undo a revocation made by an alert: the key works again.
+UPDATE api_keys
+SET status = 'active', revoked_at = NULL, revocation_reason = NULL,
+    version = nextval('api_key_versions')
+WHERE id = $1 AND status = 'revoked'
+RETURNING key_hash, version;

@@ -92,9 +92,9 @@ local function check(prefix, key_hash, ip_hex, bucket, day, anon_per_day, fails_
   end
 
   -- 3. identity from the cache; the caller fills it on a miss
-  -- "id2": the entry format (metering.accounts.cache.ENTRY_FORMAT); a new
+  -- "id3": the entry format (metering.accounts.cache.ENTRY_FORMAT); a new
   -- format gets a new name, so entries of another version are simply misses
-  local raw = redis.call('GET', prefix .. ':id2:' .. key_hash)
+  local raw = redis.call('GET', prefix .. ':id3:' .. key_hash)
   if not raw then
     if filled then  -- the fill did not land (a newer change won meanwhile): retry later
       return {'miss', '', 0, 0, 0, 0, 0, -1}
