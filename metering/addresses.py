@@ -3,6 +3,7 @@ allowlist networks as ``hex/bits`` (the comparison is done in Lua)."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -63,3 +64,21 @@ def allowed(client_ip: str, allowlist: Sequence[str]) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return any(addr in ipaddress.ip_network(c, strict=False) for c in allowlist)
+
+
+@functools.lru_cache(maxsize=65536)
+def v6_network(ip: str, bits: int) -> str:
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+def address_of(ip: str) -> str:
+    """The unit of the fan-out count: the address, or for IPv6 its /64."""
+    return ip if ":" not in ip else v6_network(ip, 64)
+
+
+def prefix_of(ip: str) -> str:
+    """The unit of the per-prefix failed-authentication count: IPv4 /24, IPv6 /48."""
+    if ":" in ip:
+        return v6_network(ip, 48)
+    head, _, _ = ip.rpartition(".")
+    return f"{head}.0/24"

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from metering.addresses import prefix_of
 from metering.errors import InvalidEventError
 
 try:  # asyncpg's C UUID: a uuid.UUID subclass, ~8x faster to parse
@@ -120,10 +121,12 @@ class UsageEvent:
 
     @property
     def partition_key(self) -> bytes:
-        """Kafka key: the user (one worker owns each user's counters)."""
+        """Kafka key: the user (one worker owns each user's counters and keys);
+        without one, the client's prefix (IPv4 /24, IPv6 /48), so one worker
+        sees every failed authentication of a prefix."""
         if self.user_id is not None:
             return str(self.user_id).encode()
-        return ("anon:" + self.client_ip).encode()
+        return ("anon:" + prefix_of(self.client_ip)).encode()
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -64,6 +64,9 @@ class Detection:
         self.after_checkpoint: Callable[[], Awaitable[None]] | None = None
         self._queue: asyncio.Queue[Finding] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        self._ready = asyncio.Event()  # cleared while assigned partitions are restored
+        self._ready.set()
+        self.owned: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
@@ -118,11 +121,20 @@ class Detection:
     def cap(self, partition: int, offset: int) -> int:
         return self.detector.committable(partition, offset)
 
+    async def ready(self) -> None:
+        """Wait for a restore under way: no batch is observed before its state is back."""
+        await self._ready.wait()
+
     async def assigned(self, partitions: Iterable[int]) -> None:
         started = time.perf_counter()
         numbers = sorted(partitions)
-        for p, records in (await self._read(numbers)).items():
-            self.detector.restore(p, records)
+        self._ready.clear()
+        try:
+            for p, records in (await self._read(numbers)).items():
+                self.detector.restore(p, records)
+            self.owned.update(numbers)
+        finally:
+            self._ready.set()
         self.last_restore_s = time.perf_counter() - started
         keys, nets = self.detector.size()
         log.info(
@@ -151,11 +163,16 @@ class Detection:
         await self.checkpoint(partitions)
         for p in partitions:
             self.detector.drop(p)
+        self.owned.difference_update(partitions)
 
     async def checkpoint(self, partitions: Iterable[int] | None = None) -> None:
         """Save the changed state: the findings raised before it first."""
         async with self._lock:
-            numbers = list(self.detector.parts) if partitions is None else list(partitions)
+            # only partitions this worker owns: state of one handed over (a
+            # late batch of it) must never overwrite its new owner's changelog
+            for stray in set(self.detector.parts) - self.owned:
+                self.detector.drop(stray)
+            numbers = sorted(self.owned if partitions is None else set(partitions) & self.owned)
             snaps = [(p, *self.detector.snapshot(p)) for p in numbers]
             await self._queue.join()
             for p, offset, records in snaps:

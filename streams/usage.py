@@ -183,6 +183,8 @@ class UsageConsumer(mode.Service):
                     )
                 offsets[tp] = msgs[-1].offset + 1
             if records:
+                if self.detection is not None:  # a partition's state before its first batch
+                    await self.detection.ready()
                 task = asyncio.create_task(self.pipeline.process(records))
                 self._inflight.append((task, offsets))
             # Keep at most `writers` batches in flight; retire finished ones in order.

@@ -24,19 +24,18 @@ from typing import Any, Protocol
 
 import orjson
 
+from metering.addresses import address_of, prefix_of
 from metering.detect.rules import Finding, Rules
 from metering.detect.state import (
     SAMPLE,
     KeyState,
     NetCount,
     Partition,
-    address_of,
     decayed,
     decode_key,
     decode_net,
     encode_key,
     encode_net,
-    prefix_of,
 )
 from metering.events import UsageEvent
 

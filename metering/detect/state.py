@@ -19,32 +19,12 @@ state's changelog.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLE = 10  # addresses or endpoints quoted in evidence
-
-
-@functools.lru_cache(maxsize=65536)
-def v6_network(ip: str, bits: int) -> str:
-    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
-
-
-def address_of(ip: str) -> str:
-    """The unit of the fan-out count: the address, or for IPv6 its /64."""
-    return ip if ":" not in ip else v6_network(ip, 64)
-
-
-def prefix_of(ip: str) -> str:
-    """The unit of the per-prefix failed-authentication count: IPv4 /24, IPv6 /48."""
-    if ":" in ip:
-        return v6_network(ip, 48)
-    head, _, _ = ip.rpartition(".")
-    return f"{head}.0/24"
 
 
 def decayed(value: float, since: float, now: float, tau_s: float) -> float:

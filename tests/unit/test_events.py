@@ -64,9 +64,12 @@ def test_optional_fields_default():
     assert event.bytes_out is None and event.units == 1
 
 
-def test_anonymous_event_is_keyed_by_ip():
+def test_anonymous_event_is_keyed_by_its_prefix():
+    # one worker sees every failed authentication of a /24 (IPv6: /48)
     event = validate(record(user_id=None, api_key_id=None))
-    assert event.partition_key == b"anon:203.0.113.7"
+    assert event.partition_key == b"anon:203.0.113.0/24"
+    v6 = validate(record(user_id=None, api_key_id=None, client_ip="2001:db8:1:2::9"))
+    assert v6.partition_key == b"anon:2001:db8:1::/48"
     keyed = validate(record())
     assert keyed.partition_key == str(keyed.user_id).encode()
 
