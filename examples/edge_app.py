@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         anonymous_paths=anonymous,
         exempt_paths=exempt,
         trusted_proxies=[p for p in settings.trusted_proxies.split(",") if p.strip()],
+        rotation_url=settings.rotation_url,  # the Sunset header's Link for a forced rotation
     )
     # the schema says what the edge answers before the app runs (401/403/429/503)
     document_edge_responses(app, anonymous_paths=anonymous, exempt_paths=exempt)

@@ -168,6 +168,10 @@ class AccountsService:
         """Edges see it as their cached identities expire (``key_cache_ttl_s``)."""
         await self._read(lambda c: store.set_tier_limits_mode(c, name, mode))
 
+    async def set_tier_detection(self, name: str, overrides: dict[str, Any] | None) -> None:
+        """Detection thresholds for the tier's keys; workers pick them up within seconds."""
+        await self._read(lambda c: store.set_tier_detection(c, name, overrides))
+
     # -- users -----------------------------------------------------------------
 
     async def create_user(self, *, email: str, tier: str, name: str | None = None) -> User:
@@ -208,6 +212,10 @@ class AccountsService:
 
     async def get_key(self, ref: str) -> KeyInfo:
         return await self._read(lambda c: store.get_key(c, ref))
+
+    async def key_history(self, ref: str) -> list[dict[str, Any]]:
+        """The key's audit trail, oldest first."""
+        return await self._read(lambda c: store.key_history(c, ref))
 
     async def list_keys(
         self, user: uuid.UUID | str | None = None, *, include_deleted: bool = False

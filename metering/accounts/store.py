@@ -35,6 +35,7 @@ Q_LIST_TIERS = get("list_tiers")
 Q_CREATE_TIER = get("create_tier")
 Q_SET_TIER_LIMITS_MODE = get("set_tier_limits_mode")
 Q_TIER_ID = get("tier_id")
+Q_SET_TIER_DETECTION = get("set_tier_detection")
 Q_CREATE_USER = get("create_user")
 Q_USER_BY_ID = get("user_by_id")
 Q_USER_BY_EMAIL = get("user_by_email")
@@ -59,6 +60,7 @@ Q_LIFT_QUARANTINE = get("lift_quarantine")
 Q_FORCE_ROTATION = get("force_rotation")
 Q_CANCEL_FORCED_ROTATION = get("cancel_forced_rotation")
 Q_REINSTATE_KEY = get("reinstate_key")
+Q_KEY_HISTORY = get("key_history")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,21 @@ async def set_tier_limits_mode(conn: asyncpg.Connection, name: str, mode: str) -
     if mode not in LIMIT_MODES:
         raise InputError(f"limits mode must be one of {', '.join(LIMIT_MODES)}")
     done = await conn.execute(Q_SET_TIER_LIMITS_MODE, name, mode)
+    if done.endswith(" 0"):
+        raise InputError(f"unknown tier {name!r}")
+
+
+async def set_tier_detection(
+    conn: asyncpg.Connection, name: str, overrides: dict[str, Any] | None
+) -> None:
+    """The tier's keys use these detection thresholds (None: the deployment's)."""
+    from metering.detect.rules import Rules
+
+    if overrides is not None:
+        Rules().with_overrides(overrides)  # InputError naming the bad one
+    done = await conn.execute(
+        Q_SET_TIER_DETECTION, name, None if overrides is None else json.dumps(overrides)
+    )
     if done.endswith(" 0"):
         raise InputError(f"unknown tier {name!r}")
 
@@ -334,3 +351,8 @@ async def stamp(conn: asyncpg.Connection, query: str, *args: Any) -> Stamp | Non
     """Run one of the key-security updates; its stamp, or None if it changed nothing."""
     row = await conn.fetchrow(query, *args)
     return None if row is None else Stamp(row["key_hash"], row["version"])
+
+
+async def key_history(conn: asyncpg.Connection, ref: str) -> list[dict[str, Any]]:
+    key = await get_key(conn, ref)
+    return [dict(r) for r in await conn.fetch(Q_KEY_HISTORY, key.id)]

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import random
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +40,7 @@ Q_ENQUEUE = get("enqueue_webhooks")
 Q_CLAIM = get("claim_deliveries")
 Q_RECORD_ATTEMPT = get("record_attempt")
 Q_DELIVERY_ATTEMPTS = get("delivery_attempts")
+Q_INSERT_DELIVERY = get("insert_delivery")
 
 EVENT_TYPES = (
     "alert.opened", "alert.escalated", "alert.acknowledged", "alert.resolved", "webhook.test",
@@ -96,6 +99,36 @@ async def attempts(
     return [dict(r) for r in await conn.fetch(Q_DELIVERY_ATTEMPTS, endpoint_id, limit)]
 
 
+async def send_test(
+    conn: asyncpg.Connection, endpoint_id: int, *, timeout_s: float
+) -> tuple[bool, int | None, str | None]:
+    """Sign and send a ``webhook.test`` message to one endpoint now, recorded like
+    any delivery: (delivered, HTTP status, error)."""
+    endpoint = await conn.fetchrow(Q_WEBHOOK_BY_ID, endpoint_id)
+    if endpoint is None:
+        raise InputError(f"no webhook {endpoint_id}")
+    msg_id = f"msg_test_{secrets.token_hex(8)}"
+    now = datetime.now(UTC)
+    body = json.dumps(
+        {
+            "type": "webhook.test",
+            "timestamp": now.isoformat().replace("+00:00", "Z"),
+            "data": {"endpoint_id": endpoint_id, "message": "a test from metering webhooks test"},
+        },
+        separators=(",", ":"),
+    )
+    await conn.execute(Q_INSERT_DELIVERY, msg_id, endpoint_id, "webhook.test", body)
+    sender = WebhookSender(conn, timeout_s=timeout_s, max_attempts=1)
+    try:
+        ok, status, error, ms = await sender._attempt(
+            {"id": msg_id, "url": endpoint["url"], "secret": endpoint["secret"], "body": body}
+        )
+    finally:
+        await sender.close()
+    await conn.execute(Q_RECORD_ATTEMPT, msg_id, 1, ok, status, error, ms, None)
+    return ok, status, error
+
+
 @dataclass(slots=True)
 class SenderStats:
     attempts: int = 0
@@ -152,8 +185,6 @@ class WebhookSender:
             rows = await db.fetch(Q_CLAIM, self.batch, lease)
         if not rows:
             return 0
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False)
         results = await asyncio.gather(*(self._attempt(r) for r in rows))
         for row, (ok, status, error, ms) in zip(rows, results, strict=True):
             attempt = row["attempts"] + 1
@@ -177,8 +208,9 @@ class WebhookSender:
                 await db.execute(Q_RECORD_ATTEMPT, *args)
         return len(rows)
 
-    async def _attempt(self, row: asyncpg.Record) -> tuple[bool, int | None, str | None, float]:
-        assert self._client is not None
+    async def _attempt(self, row: Mapping[str, Any]) -> tuple[bool, int | None, str | None, float]:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False)
         started = time.perf_counter()
         msg_id = row["id"]
         try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from metering.accounts import AccountsService
 from metering.cli.common import Parser, decimal, duration, positive_int, table, timestamp, when
@@ -37,6 +38,12 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     tm = tsub.add_parser("set-mode", help="enforce or shadow the tier's limits")
     tm.add_argument("name")
     tm.add_argument("mode", choices=["enforce", "shadow"])
+    td = tsub.add_parser(
+        "set-detection",
+        help="anomaly thresholds for the tier's keys, e.g. fanout_floor=500 (none: the defaults)",
+    )
+    td.add_argument("name")
+    td.add_argument("overrides", nargs="*", type=override, metavar="NAME=VALUE")
 
     users = sub.add_parser("users", help="users (key owners)")
     usub = users.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -81,6 +88,16 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     kv.add_argument("--reason", required=True)
     kd = ksub.add_parser("delete", help="soft-delete a key")
     kd.add_argument("key", help="key prefix or id")
+    kh = ksub.add_parser("history", help="a key's audit trail (who did what, and why)")
+    kh.add_argument("key", help="key prefix or id")
+    krl = ksub.add_parser(
+        "release", help="lift a key's quarantine and cancel its forced rotation (undo an alert)"
+    )
+    krl.add_argument("key", help="key prefix or id")
+    krl.add_argument("--reason", required=True)
+    kri = ksub.add_parser("reinstate", help="undo a revocation an alert made")
+    kri.add_argument("key", help="key prefix or id")
+    kri.add_argument("--reason", required=True)
 
 
 def run(settings: Settings, work: Callable[[AccountsService], Awaitable[T]]) -> T:
@@ -136,6 +153,11 @@ def cmd_tiers(args: argparse.Namespace, settings: Settings) -> int:
             ),
         )
         print(f"created tier {tier.name}")
+    elif args.action == "set-detection":
+        overrides = dict(args.overrides) or None
+        run(settings, lambda s: s.set_tier_detection(args.name, overrides))
+        shown = json.dumps(overrides) if overrides else "the deployment's defaults"
+        print(f"tier {args.name}: detection thresholds {shown}")
     else:
         run(settings, lambda s: s.set_tier_limits_mode(args.name, args.mode))
         print(f"tier {args.name}: limits {args.mode}")
@@ -209,6 +231,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 "rotates at",
                 "allowed from",
                 "limits",
+                "security",
             ],
             [
                 (
@@ -222,6 +245,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                     when(k.rotates_at),
                     ",".join(k.ip_allowlist) if k.ip_allowlist else None,
                     k.limits_mode or "tier",
+                    security(k.quarantine_limit, k.rotate_by),
                 )
                 for k in rows
             ],
@@ -235,12 +259,57 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         print("This is the only time the new key is shown. Store it now:")
         print(new.plaintext)
         return 0
+    if args.action == "history":
+        events = run(settings, lambda s: s.key_history(args.key))
+        table(
+            f"Key {args.key}: history",
+            ["when", "action", "by", "detail"],
+            [(when(e["created_at"]), e["action"], e["actor"], e["detail"]) for e in events],
+        )
+        return 0
+    if args.action in ("release", "reinstate"):
+        from metering.accounts.security import KeySecurity
+
+        async def undo(s: AccountsService) -> Any:
+            sec = KeySecurity(s)
+            if args.action == "reinstate":
+                return (await sec.reinstate(args.key, reason=args.reason))[0]
+            await sec.lift_quarantine(args.key, reason=args.reason)
+            return (await sec.cancel_forced_rotation(args.key, reason=args.reason))[0]
+
+        key = run(settings, undo)
+        state = (
+            security(key.quarantine_limit, key.rotate_by) or "not quarantined, no forced rotation"
+        )
+        print(f"key {key.prefix} is {key.status}; {state}")
+        return 0
     if args.action == "revoke":
         key = run(settings, lambda s: s.revoke_key(args.key, reason=args.reason))
     else:
         key = run(settings, lambda s: s.delete_key(args.key))
     print(f"key {key.prefix} is {key.status}")
     return 0
+
+
+def override(text: str) -> tuple[str, object]:
+    """NAME=VALUE, the value a number or a word (severity_*: low ... critical)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def security(quarantine_limit: int | None, rotate_by: datetime | None) -> str | None:
+    """What the anomaly rules did to a key, in a few words."""
+    parts = []
+    if quarantine_limit is not None:
+        parts.append(f"quarantined ({quarantine_limit}/min)")
+    if rotate_by is not None:
+        parts.append(f"rotate by {when(rotate_by)}")
+    return ", ".join(parts) or None
 
 
 COMMANDS = {"tiers": cmd_tiers, "users": cmd_users, "keys": cmd_keys}

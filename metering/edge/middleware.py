@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
+from email.utils import formatdate
 from typing import Any
 
 from metering.accounts.model import Identity
@@ -94,8 +95,10 @@ class MeteringMiddleware:
         allow_query_key: bool = False,
         query_param: str = "api_key",
         trusted_proxies: Iterable[str] = (),
+        rotation_url: str = "/keys/rotate",
     ) -> None:
         self.app = app
+        self.rotation_link = f'<{rotation_url}>; rel="sunset"'.encode()
         self.guard = guard
         self.producer = producer
         # whole path segments: "/health" covers "/health" and "/health/live",
@@ -144,12 +147,14 @@ class MeteringMiddleware:
             if status == 401:
                 headers.append((b"www-authenticate", b'Bearer realm="api"'))
             headers += [(k.lower().encode(), v.encode()) for k, v in decision.headers]
+            headers += self._sunset(decision)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             sent = len(body)
         else:
             scope.setdefault("state", {})[STATE_KEY] = decision
             extra = [(k.lower().encode(), v.encode()) for k, v in decision.headers]
+            extra += self._sunset(decision)
 
             async def send_wrapper(message: Message) -> None:
                 nonlocal status, sent
@@ -166,6 +171,14 @@ class MeteringMiddleware:
                 self._emit_and_observe(scope, decision, status, started, client_ip, sent, overhead)
             return
         self._emit_and_observe(scope, decision, status, started, client_ip, sent, overhead)
+
+    def _sunset(self, decision: Decision) -> list[tuple[bytes, bytes]]:
+        """A key under forced rotation: its deadline (RFC 8594) and where to rotate."""
+        identity = decision.identity
+        if identity is None or identity.rotate_by is None:
+            return []
+        deadline = formatdate(identity.rotate_by, usegmt=True).encode()
+        return [(b"sunset", deadline), (b"link", self.rotation_link)]
 
     def _emit_and_observe(
         self,

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from examples.edge_app import create_app
 from metering import keys, metrics
 from metering.accounts import AccountsService, IdentityCache, KeyInfo, User
 from metering.accounts import store as accounts
+from metering.accounts.security import KeySecurity
 from metering.settings import Settings
 from metering.usage.counters import DailyTotal, UsageCounters
 from tests.integration.conftest import eventually, listening_socket
@@ -347,6 +349,54 @@ async def test_rotation_grace_then_old_key_stops(servers, client, db, service, r
     assert (
         await client.get(f"{srv.url}/v1/items/1", headers=hdr(new.plaintext, ip))
     ).status_code == 200
+
+
+async def test_quarantine_and_forced_rotation_reach_the_edge(servers, client, db, service):
+    """The anomaly rules' actions as a client sees them: a forced rotation
+    names its deadline on every response (Sunset, RFC 8594, with a Link to
+    rotate) and stops the key at it; a quarantine is the key's own, enforced
+    limit until lifted; the owner's successor carries neither."""
+    srv = await servers()
+    user = await make_user(db, "free")  # 10 a minute per user
+    key, info = await make_key(db, user)
+    security = KeySecurity(service)
+    ip = next_ip()
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 200 and "Sunset" not in r.headers
+
+    deadline = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=24)
+    await security.force_rotation(str(info.id), deadline=deadline, reason="alert 1: fan_out")
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 200
+    assert parsedate_to_datetime(r.headers["Sunset"]) == deadline
+    assert r.headers["Link"] == '</keys/rotate>; rel="sunset"'
+
+    await security.quarantine(str(info.id), limit=3, reason="alert 2: rate_spike")
+    answers = [await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip)) for _ in range(5)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+    assert answers[0].headers["X-RateLimit-Limit"] == "3"
+    assert "Sunset" in answers[3].headers  # refusals say it too
+
+    _, lifted = await security.lift_quarantine(str(info.id), reason="acknowledged")
+    assert lifted
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))
+    assert r.status_code == 200 and r.headers["X-RateLimit-Limit"] == "10"
+
+    # the owner rotates: the successor works without a Sunset
+    new, _, _ = await service.rotate_key(info.prefix)
+    ISSUED.append(new.plaintext)
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(new.plaintext, ip))
+    assert r.status_code == 200 and "Sunset" not in r.headers
+    # the deadline comes (an earlier one is set rather than slept through): the old key stops
+    await security.force_rotation(
+        str(info.id), deadline=datetime.now(UTC) + timedelta(seconds=1), reason="test"
+    )
+    await asyncio.sleep(1.2)
+    assert (await client.get(f"{srv.url}/v1/search", headers=hdr(key, ip))).status_code == 401
+    history = [e["action"] for e in await service.key_history(str(info.id))]
+    assert history == [
+        "created", "rotation_forced", "quarantined", "quarantine_lifted", "rotated", "rotation_forced",
+    ]  # fmt: skip
 
 
 async def test_revocation_reaches_two_instances_on_their_next_request(

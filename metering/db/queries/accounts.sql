@@ -22,6 +22,13 @@ RETURNING id, name, daily_quota, rate_limit_per_minute, price_monthly, limits_mo
 -- enforce or shadow for a whole tier ($1 name, $2 mode).
 UPDATE access_tiers SET limits_mode = $2 WHERE name = $1;
 
+-- name: set_tier_detection
+-- A tier's detection thresholds ($2 a JSON object; NULL removes them).
+UPDATE access_tiers
+SET features = CASE WHEN $2::jsonb IS NULL THEN features - 'detection'
+                    ELSE jsonb_set(features, '{detection}', $2::jsonb) END
+WHERE name = $1;
+
 -- name: tier_id
 -- A tier's id by name.
 SELECT id FROM access_tiers WHERE name = $1;
@@ -186,3 +193,8 @@ SET status = 'active', revoked_at = NULL, revocation_reason = NULL,
     version = nextval('api_key_versions')
 WHERE id = $1 AND status = 'revoked'
 RETURNING key_hash, version;
+
+-- name: key_history
+-- A key's audit trail, oldest first.
+SELECT action, detail::text AS detail, actor, created_at
+FROM api_key_events WHERE api_key_id = $1 ORDER BY id;

@@ -146,3 +146,8 @@ FROM webhook_deliveries d JOIN webhook_attempts a ON a.delivery_id = d.id
 WHERE d.endpoint_id = $1
 ORDER BY a.attempted_at DESC
 LIMIT $2;
+
+-- name: insert_delivery
+-- One message to one endpoint (webhooks test), claimed at once by its sender.
+INSERT INTO webhook_deliveries (id, endpoint_id, event_type, body, next_attempt_at)
+VALUES ($1, $2, $3, $4, now() + interval '1 minute');
