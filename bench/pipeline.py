@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -248,12 +249,8 @@ def measure(
     """One worker over the pre-loaded topic on a fresh database: (events/s, metrics, exact)."""
     name = f"{s.worker_id.replace('-', '_')}_{label}"
     url = asyncio.run(create_db(base, name))
-    run = Settings.from_env(
-        **{
-            f: getattr(s, f)
-            for f in s.__dataclass_fields__
-            if f not in ("worker_id", "database_url")
-        },
+    run = dataclasses.replace(
+        s,
         worker_id=f"{s.worker_id}-{label}",
         database_url=url,
         detection_enabled=detection,

@@ -38,6 +38,9 @@ class Settings:
     batch_within_s: float = 0.5
     writers: int = 2  # batches in flight per worker (agent actors, one DB connection each)
     session_timeout_s: float = 60.0  # a crashed worker's partitions move after this
+    # static membership (KIP-345): a worker restarted with the same id takes its
+    # partitions back at once instead of after session_timeout_s; unique per worker
+    worker_instance_id: str = ""
     reconcile_interval_s: float = 30.0  # partitions ahead + Redis rebuild check
     db_command_timeout_s: float = 30.0  # a statement silent this long is an outage: retried
     web_enabled: bool = True
@@ -210,6 +213,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # the broker refuses what its group.min/max.session.timeout.ms (6-1800 s by
     # default) exclude, with its own error
     "session_timeout_s": _between(1, 3600),
+    "worker_instance_id": (
+        (lambda v: v == "" or bool(_NAME.match(v))),
+        "empty, or a name of [A-Za-z0-9._-], 1-200 chars, unique per worker",
+    ),
     "reconcile_interval_s": _between(1, 86_400),
     "db_command_timeout_s": _between(1, 3600),
     "web_enabled": ((lambda v: isinstance(v, bool)), "true or false"),

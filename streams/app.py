@@ -16,6 +16,7 @@ from streams.topics import dead_letter_topic
 from streams.usage import add_usage_consumer
 from streams.web import add_web_views, worker_metrics
 
+FAUST_GROUP_SESSION_S = 6.0  # the broker's group.min.session.timeout.ms
 BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -30,8 +31,12 @@ def create_app(settings: Settings) -> faust.App:
         topic_partitions=settings.events_partitions,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
+        # Faust's own consumer group carries no partitions of ours (the usage
+        # consumer has its group), but the app starts its services only once
+        # that group is joined: after a crash, a long session would hold a
+        # restarted worker for its length. The broker's minimum keeps it short.
+        broker_session_timeout=FAUST_GROUP_SESSION_S,
+        broker_heartbeat_interval=FAUST_GROUP_SESSION_S / 3,
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,
         web_bind=settings.web_bind,

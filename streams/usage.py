@@ -114,6 +114,7 @@ class UsageConsumer(mode.Service):
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=f"{self.settings.worker_id}-usage-events",
+            group_instance_id=self.settings.worker_instance_id or None,
             client_id=f"{self.settings.worker_id}-usage",
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -22,8 +21,8 @@ def operator() -> str:
     """Who acted, for the alert's record: the login name."""
     try:
         return getpass.getuser()
-    except Exception:
-        return os.environ.get("USER", "operator")
+    except Exception:  # no login name (a container without a passwd entry)
+        return "operator"
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:

@@ -20,11 +20,13 @@ state's changelog.
 from __future__ import annotations
 
 import math
-import uuid
+import sys
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
 SAMPLE = 10  # addresses or endpoints quoted in evidence
+EMPTY: frozenset[str] = frozenset()  # shared by every key without a previous window
 
 
 def decayed(value: float, since: float, now: float, tau_s: float) -> float:
@@ -68,7 +70,7 @@ class KeyState:
         self.peak = 0.0
         self.win = self.minute // window_minutes
         self.win_cur: set[str] = set()
-        self.win_prev: set[str] = set()
+        self.win_prev: AbstractSet[str] = EMPTY
         self.fan_peak = 0.0
         self.forbidden = 0.0
         self.forbidden_t = t
@@ -76,9 +78,10 @@ class KeyState:
         self.probes = 0.0
         self.probes_t = t
         self.probed: dict[str, int] | None = None
-        self.known: set[str] | None = set()  # None: too many to tell a new one
+        # tuples, not sets: a handful of entries in a third of the memory
+        self.known: tuple[str, ...] | None = ()  # None: too many to tell a new one
         self.new_addrs: list[tuple[str, float]] | None = None  # first seen since the last check
-        self.endpoints: dict[str, int] = {}
+        self.endpoints: tuple[str, ...] = ()  # the first few (interned)
         self.reported: dict[str, float] | None = None
 
     # -- the per-event path (kept to dict and set operations) -----------------
@@ -103,9 +106,9 @@ class KeyState:
                 self.fan_peak * decay ** (wgap * window_minutes),
                 fan if caps is None else min(fan, caps[1] * self.fan_peak),
             )
-            self.win_prev = self.win_cur if wgap == 1 else set()
+            self.win_prev = self.win_cur if wgap == 1 else EMPTY
             self.win_cur = set()
-            self.endpoints = {}
+            self.endpoints = ()
             self.win = win
 
     def seen_at(self, addr: str, t: float, cap: int, known_max: int) -> None:
@@ -116,7 +119,7 @@ class KeyState:
             if len(known) >= known_max:
                 self.known = None
                 return
-            known.add(addr)
+            self.known = (*known, addr)
             if self.new_addrs is None:
                 self.new_addrs = [(addr, t)]
             elif len(self.new_addrs) < SAMPLE:
@@ -159,21 +162,21 @@ class NetCount:
         self.t = t
         self.first = t
         self.reported = 0.0
-        self.endpoints: dict[str, int] = {}
+        self.endpoints: tuple[str, ...] = ()  # the first few (interned)
 
     def add(self, n: int, t: float, tau_s: float, endpoint: str) -> None:
         if self.value < 0.5:  # a new run of failures starts here
             self.first = t
         self.value = decayed(self.value, self.t, t, tau_s) + n
         self.t = max(t, self.t)
-        if endpoint in self.endpoints or len(self.endpoints) < SAMPLE:
-            self.endpoints[endpoint] = self.endpoints.get(endpoint, 0) + n
+        if endpoint not in self.endpoints and len(self.endpoints) < SAMPLE:
+            self.endpoints = (*self.endpoints, sys.intern(endpoint))
 
 
 @dataclass(slots=True)
 class Partition:
     buckets: int
-    keys: dict[uuid.UUID, KeyState] = field(default_factory=dict)
+    keys: dict[int, KeyState] = field(default_factory=dict)  # by the key id's int
     nets: dict[str, NetCount] = field(default_factory=dict)
     floors: list[int] = field(default_factory=list)  # per bucket: offsets below are in the state
     dirty: set[int] = field(default_factory=set)
@@ -194,7 +197,7 @@ def encode_key(s: KeyState) -> list[Any]:
         s.win, sorted(s.win_cur), sorted(s.win_prev), s.fan_peak,
         s.forbidden, s.forbidden_t, s.forbidden_from,
         s.probes, s.probes_t, s.probed,
-        None if s.known is None else sorted(s.known), s.new_addrs, s.endpoints, s.reported,
+        s.known, s.new_addrs, s.endpoints, s.reported,
     ]  # fmt: skip
 
 
@@ -207,10 +210,11 @@ def decode_key(v: list[Any], window_minutes: int) -> KeyState:
         s.probes, s.probes_t, s.probed,
         known, s.new_addrs, s.endpoints, s.reported,
     ) = v  # fmt: skip
-    s.win_cur, s.win_prev = set(win_cur), set(win_prev)
+    s.win_cur, s.win_prev = set(win_cur), set(win_prev) if win_prev else EMPTY
+    s.endpoints = tuple(sys.intern(e) for e in s.endpoints)
     if s.new_addrs is not None:
         s.new_addrs = [(a, t) for a, t in s.new_addrs]
-    s.known = None if known is None else set(known)
+    s.known = None if known is None else tuple(known)
     return s
 
 
@@ -220,5 +224,6 @@ def encode_net(c: NetCount) -> list[Any]:
 
 def decode_net(v: list[Any]) -> NetCount:
     c = NetCount(v[1])
-    c.value, c.t, c.first, c.reported, c.endpoints = v
+    c.value, c.t, c.first, c.reported, endpoints = v
+    c.endpoints = tuple(sys.intern(e) for e in endpoints)
     return c

@@ -49,20 +49,17 @@ class Actor:
     key_id: uuid.UUID
     ips: list[str] = field(default_factory=list)
     rate: float = 2.0  # requests a minute, normally
+    attacker: str = "192.0.2.200"  # where its attack comes from (a /24 of its own)
 
 
 def actor(name: str, kind: str, user_id: uuid.UUID, key_id: uuid.UUID, index: int) -> Actor:
     """An actor with its usual addresses and rate (``index`` keeps addresses apart)."""
     a, b = divmod(index, 200)
     ips = [f"10.{a}.{b}.1", f"10.{a}.{b}.2"]
+    rate = {"mobile": 30.0, "batch": 10.0, "diurnal": 8.0}.get(kind, 2.0)
     if kind == "mobile":
         ips = [f"100.{64 + (index % 60)}.{i // 250}.{i % 250 + 1}" for i in range(1500)]
-        return Actor(name, kind, user_id, key_id, ips, rate=30.0)
-    if kind == "batch":
-        return Actor(name, kind, user_id, key_id, ips, rate=10.0)
-    if kind == "diurnal":
-        return Actor(name, kind, user_id, key_id, ips, rate=8.0)
-    return Actor(name, kind, user_id, key_id, ips, rate=2.0)
+    return Actor(name, kind, user_id, key_id, ips, rate=rate, attacker=f"192.{a}.{b}.200")
 
 
 def _event(
@@ -154,7 +151,7 @@ def attack(a: Actor, start: float, rng: random.Random) -> list[UsageEvent]:
         ]
     if kind == "auth_flood":  # credential stuffing from one address
         return [
-            _event(None, start + i * 0.01, "192.0.2.200", status=401, rejected="unauthorized")
+            _event(None, start + i * 0.01, a.attacker, status=401, rejected="unauthorized")
             for i in range(150)
         ]
     if kind == "grace_new_address":  # the rotated key, now in someone else's hands

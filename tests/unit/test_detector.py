@@ -149,7 +149,7 @@ def test_fan_out(feed: Feed) -> None:
     assert "fan_out" in rules_fired(found)
     f = next(f for f in found if f.rule == "fan_out")
     assert f.evidence["distinct_addresses"] >= 20
-    assert "2001:db8:9::/64" in feed.detector.parts[0].keys[k.id].win_cur
+    assert "2001:db8:9::/64" in feed.detector.parts[0].keys[k.id.int].win_cur
 
 
 def test_ipv6_addresses_count_by_64(feed: Feed) -> None:
@@ -270,13 +270,13 @@ def test_snapshot_restore_and_replay_skip() -> None:
     # a restarted worker restores, then sees a replay of the last minute and the spike
     second = Feed(Detector(Rules(warmup_minutes=60), clock=clock))
     second.detector.restore(0, records)
-    restored = second.detector.parts[0].keys[k.id]
-    original = first.detector.parts[0].keys[k.id]
+    restored = second.detector.parts[0].keys[k.id.int]
+    original = first.detector.parts[0].keys[k.id.int]
     assert restored.peak == original.peak and restored.cur == original.cur
     second.offset = offset - 30  # the last 30 events again: already in the state
     steady(second, k, T0 + 119 * 60, 1, 30, ["192.0.2.10"])
     assert second.detector.stats.skipped == 30
-    assert second.detector.parts[0].keys[k.id].cur == original.cur
+    assert second.detector.parts[0].keys[k.id.int].cur == original.cur
     start = T0 + 120 * 60
     found = second.feed(
         [second.event(start + i * 0.02, k.id, k.user, "192.0.2.10") for i in range(200)]

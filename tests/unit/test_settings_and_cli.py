@@ -63,6 +63,7 @@ BAD_AND_EDGE = {
     "producer_buffer": ("0", "1"),
     "producer_unbilled_buffer": ("0", "10000000"),
     "refused_records_per_minute": ("-1", "0"),
+    "worker_instance_id": ("a b", "worker-1"),
     "detection_enabled": None,  # coercion refuses anything but a boolean word
     "detection_rules": ('{"nope": 1}', '{"spike_factor": 6}'),
     "detection_state_topic": ("bad topic", "state.v2"),
