@@ -94,9 +94,12 @@ class Detector:
         user_rules = self.user_rules
         parts = self.parts
         skipped = 0
+        number, part = -1, Partition(1)
         for ev in events:
             src = sources[id(ev)]
-            part = parts.get(src.partition) or self.partition(src.partition)
+            if src.partition != number:  # records come grouped by partition
+                number = src.partition
+                part = parts.get(number) or self.partition(number)
             off = src.offset
             if off >= part.offset:
                 part.offset = off + 1
@@ -131,7 +134,9 @@ class Detector:
                 reason = ev.rejected
                 if reason is None or reason not in FORBIDDEN:
                     addr = ip if ":" not in ip else address_of(ip)
-                    if reason is None:
+                    if addr in st.win_cur:
+                        pass  # seen in this window: counted, and known if it was served
+                    elif reason is None:
                         st.seen_at(addr, t, r.fanout_track_max, r.known_addresses_max)
                     elif len(st.win_cur) < r.fanout_track_max:
                         st.win_cur.add(addr)
@@ -143,8 +148,9 @@ class Detector:
                 ep = ev.endpoint
                 if len(eps) < SAMPLE and ep not in eps:
                     st.endpoints = (*eps, intern(ep))
-                keys[key_id] = st
-                part.dirty.add(b)
+                if key_id not in keys:
+                    keys[key_id] = st
+                    part.dirty.add(b)
             elif ev.rejected in FAILED_AUTH:
                 ip = ev.client_ip
                 tau = default.decay_minutes * 60
