@@ -270,6 +270,12 @@ def measure(
         asyncio.run(drop_db(base, name))
     exact = logs == n == daily
     rate = n / span
+    if detection:
+        took = m.get("metering_detection_seconds_total", 0.0)
+        print(
+            f"detection: {took:.2f}s in the rules = {took / n * 1e6:.2f} us/event, "
+            f"{100 * took / m['cpu_seconds']:.1f}% of the worker's CPU"
+        )
     print(
         f"pipeline ({label:13}): {n:,} events in {span:.2f}s = {rate:,.0f} events/s end to end "
         f"(first batch start -> last commit); worker CPU {m['cpu_seconds']:.1f}s, "

@@ -77,6 +77,7 @@ class Detection:
         self.recorded = 0
         self.record_failures = 0
         self.checkpoints = 0
+        self.observe_seconds = 0.0  # time the rules took in the stream's path
         self.last_restore_s = 0.0
 
     async def start(self) -> None:
@@ -115,8 +116,10 @@ class Detection:
     # -- the consumer's hooks ---------------------------------------------------
 
     def observe(self, events: list[UsageEvent], sources: dict[int, RawRecord]) -> None:
+        started = time.perf_counter()
         for finding in self.detector.observe(events, sources):
             self._queue.put_nowait(finding)
+        self.observe_seconds += time.perf_counter() - started
 
     def cap(self, partition: int, offset: int) -> int:
         return self.detector.committable(partition, offset)

@@ -95,6 +95,11 @@ def detection_metrics(m: MetricSet, d: Detection) -> None:
         "metering_detection_findings_total", "Findings the rules raised.", lambda: st.findings
     )
     m.counter(
+        "metering_detection_seconds_total",
+        "Time the rules took in the stream's path (the detector's share of the worker).",
+        lambda: round(d.observe_seconds, 6),
+    )
+    m.counter(
         "metering_detection_recorded_total", "Findings recorded as alerts.", lambda: d.recorded
     )
     m.counter(
