@@ -1,9 +1,7 @@
 """The rules, applied in the usage consumer to every decoded batch.
 
-Why in-process: ``usage.events`` is keyed by user, so one worker already owns
-every event of a key; the consumer has decoded them, and a second pass
-(a Faust agent per record, or per-key summaries on another topic) would cost
-more than the rules themselves (docs/decisions.md, "Detection").
+In-process because ``usage.events`` is keyed by user: one worker already owns
+and has decoded every event of a key (docs/decisions.md, "Detection").
 
 :meth:`Detector.observe` is the per-event path (dictionary updates only);
 the rules run once per touched key and batch. State is kept per source
@@ -238,7 +236,8 @@ class Detector:
                     )
         tau = r.decay_minutes * 60
         forbidden = decayed(st.forbidden, st.forbidden_t, now, tau)
-        if forbidden >= r.forbidden_count:
+        # decaying counts are compared rounded: ten in quick succession are ten
+        if forbidden + 0.5 >= r.forbidden_count:
             report(
                 "forbidden_ip",
                 now - tau,
@@ -254,7 +253,7 @@ class Detector:
             recent = {ep: t for ep, t in st.probed.items() if t >= now - 3 * tau}
             st.probed = recent
             probes = decayed(st.probes, st.probes_t, now, tau)
-            if probes >= r.probe_count and len(recent) >= r.probe_endpoints:
+            if probes + 0.5 >= r.probe_count and len(recent) >= r.probe_endpoints:
                 report(
                     "scope_probe",
                     now - tau,
@@ -287,7 +286,7 @@ class Detector:
         r = self.rules
         per_address = name.startswith("a:")
         limit = r.auth_flood_per_address if per_address else r.auth_flood_per_prefix
-        if c.value < limit or (c.reported and c.t - c.reported < r.update_every_s):
+        if c.value + 0.5 < limit or (c.reported and c.t - c.reported < r.update_every_s):
             return
         c.reported = c.t
         found.append(

@@ -50,7 +50,7 @@ _DRAIN = 10_000  # events handed to aiokafka per round at most
 # records) is tried this many times, then its events are dropped, counted.
 # Retriable failures (no leader, timeouts) are retried for as long as it takes.
 MAX_DELIVERY_FAILURES = 5
-SUMMARY_FLUSH_S = 5.0  # how often finished minutes' summaries go out
+SUMMARY_FLUSH_S = 1.0  # how often summaries that are due go out
 
 
 @dataclass(slots=True)

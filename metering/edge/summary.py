@@ -10,7 +10,9 @@ the key when one was identified, else the address or IPv6 prefix), and at
 most ``cap`` such records per minute in all; the rest are counted per
 client, minute, reason and status, and :meth:`flush` turns each count into
 one record with ``count`` set (the event contract's summary form) once its
-minute is over. Served requests are never summarised.
+minute is over, or sooner for a client still refused in numbers (``partial_*``:
+the anomaly rules see a flood within seconds, not at the minute's end).
+Served requests are never summarised.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from metering.events import UsageEvent
 @dataclass(slots=True)
 class _Tally:
     first: UsageEvent  # who (user, key, address), endpoint and method of the first one
+    last: datetime  # when the latest one came
     count: int = 0
     response_ms: float = 0.0
     extra_endpoints: bool = False
@@ -37,6 +40,10 @@ class RefusedSummary:
     ipv6_prefix: int = 64
     cap: int = 1_000  # records of their own per minute in all, whatever the clients
     max_clients: int = 100_000  # tallies beyond: the rest of the minute goes to one client
+    # a tally this old (event time) with at least this many requests goes out before its
+    # minute ends, and a new one begins: at most one record per client and partial_after_s
+    partial_after_s: float = 2.0
+    partial_min_count: int = 10
     _seen: dict[tuple[str, int], int] = field(default_factory=dict)
     _records: dict[int, int] = field(default_factory=dict)  # minute -> records let through
     _tallies: dict[tuple[int, str, str, int], _Tally] = field(default_factory=dict)
@@ -63,21 +70,31 @@ class RefusedSummary:
         key = (minute, client, event.rejected, event.status_code)
         tally = self._tallies.get(key)
         if tally is None:
-            tally = self._tallies[key] = _Tally(event)
+            tally = self._tallies[key] = _Tally(event, event.occurred_at)
         elif event.endpoint != tally.first.endpoint:
             tally.extra_endpoints = True
+        tally.last = max(tally.last, event.occurred_at)
         tally.count += 1
         tally.response_ms += event.response_time_ms
         self.summarised += 1
         return False
 
     def flush(self, now: datetime | None = None, *, everything: bool = False) -> list[UsageEvent]:
-        """Summaries of the minutes that are over (all of them with ``everything``)."""
-        current = int((now or datetime.now(UTC)).timestamp() // 60)
-        done = [k for k in self._tallies if everything or k[0] < current]
+        """Summaries of the minutes that are over, and of the busy clients of the
+        current one (all of them with ``everything``)."""
+        now = now or datetime.now(UTC)
+        current = int(now.timestamp() // 60)
+        early = now - timedelta(seconds=self.partial_after_s)
+        done = [
+            k
+            for k, t in self._tallies.items()
+            if everything
+            or k[0] < current
+            or (t.count >= self.partial_min_count and t.first.occurred_at <= early)
+        ]
         out = []
         for key in done:
-            minute, client, reason, status = key
+            _, client, reason, status = key
             tally = self._tallies.pop(key)
             first = tally.first
             identified = first.user_id is not None
@@ -86,8 +103,7 @@ class RefusedSummary:
                     # random: two edge processes may summarise the same client
                     # and minute (the producer re-sends the same bytes, id included)
                     event_id=uuid.uuid4(),
-                    occurred_at=datetime.fromtimestamp(minute * 60, UTC)
-                    + timedelta(seconds=59, microseconds=999_000),
+                    occurred_at=tally.last,  # within its minute
                     user_id=first.user_id,
                     api_key_id=first.api_key_id,
                     endpoint="*" if tally.extra_endpoints else first.endpoint,

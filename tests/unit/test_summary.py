@@ -51,6 +51,25 @@ def test_allowance_per_client_then_one_summary_per_minute():
     assert summary.occurred_at.minute == 0 and summary.user_id is None
 
 
+def test_a_client_refused_in_numbers_is_summarised_within_seconds():
+    s = RefusedSummary(allowance=3, partial_after_s=2.0, partial_min_count=10)
+    for i in range(13):
+        s.admit(refused(at=T0 + timedelta(milliseconds=100 * i)))
+    s.admit(refused("198.51.100.9", at=T0))  # a light client waits for its minute
+    s.admit(refused("198.51.100.9", at=T0))
+    s.admit(refused("198.51.100.9", at=T0))
+    s.admit(refused("198.51.100.9", at=T0))
+    assert s.flush(T0 + timedelta(seconds=1)) == []  # not yet two seconds old
+    (early,) = s.flush(T0 + timedelta(seconds=2.5))  # the first summarised came at 0.3 s
+    assert early.count == 10 and early.occurred_at == T0 + timedelta(milliseconds=1200)
+    s.admit(refused(at=T0 + timedelta(seconds=3)))  # the same minute: a new tally
+    rest = s.flush(T0 + timedelta(minutes=1))
+    assert sorted((e.client_ip, e.count) for e in rest) == [
+        ("198.51.100.1", 1),
+        ("198.51.100.9", 1),
+    ]
+
+
 def test_keys_are_clients_and_ipv6_shares_its_prefix():
     key = uuid.uuid4()
     s = RefusedSummary(allowance=1)
