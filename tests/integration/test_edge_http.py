@@ -399,6 +399,49 @@ async def test_quarantine_and_forced_rotation_reach_the_edge(servers, client, db
     ]  # fmt: skip
 
 
+async def test_a_leaked_key_and_a_credential_stuffer_through_the_edge_are_caught(
+    servers, client, db, kafka_settings, edge_settings, worker_factory, service
+):
+    """Through real HTTP, the real edge, Kafka and the worker: a key used from
+    outside its allowlist is flagged within seconds, and the owner's next
+    response names the forced rotation's deadline; an address guessing keys
+    is flagged too, although most of its refusals travel as summaries."""
+    srv = await servers()
+    worker_factory(kafka_settings)
+    user = await make_user(db, "pro")
+    key, info = await make_key(db, user, ip_allowlist=["10.0.0.0/8"])
+    assert (
+        await client.get(f"{srv.url}/v1/search", headers=hdr(key, "10.9.8.7"))
+    ).status_code == 200
+    started = time.time()
+    thief = next_ip()
+    for _ in range(12):
+        r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, thief))
+        assert r.status_code == 403
+    guesser = next_ip()
+    for _ in range(130):  # 5 a minute are failures; the rest are throttled (429) and summarised
+        await client.get(f"{srv.url}/v1/search", headers=hdr(keys.generate().plaintext, guesser))
+
+    async def rules() -> set[str]:
+        return {r["rule"] for r in await db.fetch("SELECT rule FROM key_alerts")}
+
+    await eventually(
+        lambda: _has(rules, {"forbidden_ip", "auth_flood"}), timeout=20, what="both alerts"
+    )
+    rows = {r["rule"]: r for r in await db.fetch("SELECT * FROM key_alerts")}
+    assert rows["forbidden_ip"]["api_key_id"] == info.id
+    assert rows["auth_flood"]["subject"] == f"net:{guesser}"
+    for row in rows.values():
+        assert row["created_at"].timestamp() - started <= 10, row["rule"]
+    r = await client.get(f"{srv.url}/v1/search", headers=hdr(key, "10.9.8.7"))
+    assert r.status_code == 200 and "Sunset" in r.headers
+    assert r.headers["X-RateLimit-Limit"] == "60"  # quarantined: max(floor, its learned peak)
+
+
+async def _has(found: Callable[[], Any], wanted: set[str]) -> bool:
+    return wanted <= await found()
+
+
 async def test_revocation_reaches_two_instances_on_their_next_request(
     servers, client, db, edge_settings
 ):
