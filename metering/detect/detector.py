@@ -332,8 +332,9 @@ class Detector:
             if g is not None:
                 g[1][name] = encode_net(c)
         offset = part.offset
+        # a bucket restored with a higher offset than this run has reached keeps it
         out = [
-            (b, orjson.dumps({"o": offset, "k": keys, "n": nets}))
+            (b, orjson.dumps({"o": max(offset, part.floors[b]), "k": keys, "n": nets}))
             for b, (keys, nets) in sorted(groups.items())
         ]
         return offset, out

@@ -315,3 +315,22 @@ def test_overrides_are_checked() -> None:
     assert actions_for("critical", revoke_enabled=True) == ("revoke",)
     assert actions_for("critical", revoke_enabled=False) == ("quarantine", "force_rotation")
     assert actions_for("medium", revoke_enabled=True) == ("quarantine",)
+
+
+def test_a_rewritten_bucket_keeps_the_offset_it_was_restored_with() -> None:
+    """Idle state expiring on a restored partition (no new events yet) rewrites
+    its bucket: the bucket must not claim less than it holds, or a replay
+    would count those events twice."""
+    now = [T0]
+    first = Feed(Detector(Rules(idle_expiry_hours=1), clock=lambda: now[0]))
+    old, young = new_key(), new_key()
+    steady(first, old, T0, 1, 5, ["192.0.2.1"])
+    steady(first, young, T0 + 3 * 3600, 1, 5, ["192.0.2.2"])
+    _, records = first.detector.snapshot(0)
+    second = Detector(Rules(idle_expiry_hours=1), clock=lambda: T0 + 3.5 * 3600)
+    second.restore(0, records)
+    _, rewritten = second.snapshot(0)
+    assert rewritten  # the old key expired: its bucket is written again
+    third = Detector(Rules())
+    third.restore(0, rewritten)
+    assert min(third.parts[0].floors[b] for b, _ in rewritten) == first.offset
