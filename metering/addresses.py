@@ -68,7 +68,12 @@ def allowed(client_ip: str, allowlist: Sequence[str]) -> bool:
 
 @functools.lru_cache(maxsize=65536)
 def v6_network(ip: str, bits: int) -> str:
-    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+    """The network of ``bits`` around an IPv6 address; an IPv4-mapped address
+    (``::ffff:a.b.c.d``, a dual-stack listener's IPv4 client) is its IPv4 address."""
+    addr = ipaddress.IPv6Address(ip.split("%", 1)[0])
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
 def address_of(ip: str) -> str:
@@ -79,6 +84,8 @@ def address_of(ip: str) -> str:
 def prefix_of(ip: str) -> str:
     """The unit of the per-prefix failed-authentication count: IPv4 /24, IPv6 /48."""
     if ":" in ip:
-        return v6_network(ip, 48)
+        ip = v6_network(ip, 48)
+        if ":" in ip:
+            return ip
     head, _, _ = ip.rpartition(".")
     return f"{head}.0/24"

@@ -82,6 +82,7 @@ class Identity:
     limit_key: str  # whose per-minute bucket: "user:<id>", or "key:<lineage>" per the tier
     # a forced rotation's deadline (unix seconds): the edge sends it as Sunset
     rotate_by: float | None = None
+    quarantined: bool = False  # its per-minute limit is enforced even in shadow mode
 
     def to_json(self) -> str:
         return json.dumps(

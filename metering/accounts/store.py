@@ -334,6 +334,7 @@ async def lookup_identity(conn: asyncpg.Connection, key_hash: str) -> tuple[Iden
         limits_mode=r["limits_mode"],
         limit_key=r["limit_key"],
         rotate_by=r["rotate_by"].timestamp() if r["rotate_by"] else None,
+        quarantined=r["quarantined"],
     )
     return identity, r["version"]
 

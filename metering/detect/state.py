@@ -122,8 +122,10 @@ class KeyState:
             self.known = (*known, addr)
             if self.new_addrs is None:
                 self.new_addrs = [(addr, t)]
-            elif len(self.new_addrs) < SAMPLE:
+            else:  # the latest few
                 self.new_addrs.append((addr, t))
+                if len(self.new_addrs) > SAMPLE:
+                    del self.new_addrs[0]
 
     def forbid(self, n: int, t: float, tau_s: float, ip: str) -> None:
         self.forbidden = decayed(self.forbidden, self.forbidden_t, t, tau_s) + n

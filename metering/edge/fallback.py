@@ -163,7 +163,7 @@ class LocalGuard:
             if retry:
                 return 429, "forbidden_throttled", identity, retry
             return 403, "forbidden_ip", identity, 0.0
-        shadow = identity.limits_mode == "shadow"
+        shadow = identity.limits_mode == "shadow" and not identity.quarantined
         retry = self._buckets.hit(f"rl:{identity.limit_key}", limit, 60)
         if retry:
             return (None if shadow else 429), "rate_limited", identity, retry

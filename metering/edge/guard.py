@@ -241,6 +241,8 @@ class EdgeGuard:
                     ("X-Quota-Warning", f"{min(100, 100 * used // quota)}% of daily quota used")
                 )
         shadow = identity is not None and identity.limits_mode == "shadow"
+        # a quarantine's per-minute limit holds whatever the mode; the quota keeps the mode
+        shadow_rate = shadow and identity is not None and not identity.quarantined
 
         if code in ("ok", "anon_ok"):
             return Decision(None, "ok" if code == "ok" else "anonymous", identity, headers)
@@ -259,7 +261,7 @@ class EdgeGuard:
                 retry_s = int((midnight + timedelta(days=1) - today).total_seconds()) + 1
             else:
                 retry_s = max(1, int(retry_ms / 1000 + 0.999))
-            if shadow:
+            if shadow_rate if code == "rate_limited" else shadow:
                 return Decision(
                     None, code, identity, [*headers, ("X-RateLimit-Shadow", code)], shadowed=True
                 )

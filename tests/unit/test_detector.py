@@ -259,6 +259,51 @@ def test_grace_new_address(feed: Feed) -> None:
     assert found[0].evidence["new_addresses"] == ["203.0.113.77"]
 
 
+def test_grace_new_address_despite_a_late_watch_list_or_a_refused_first_request(feed: Feed) -> None:
+    late, refused = new_key(), new_key()
+    steady(feed, late, T0, 10, 5, ["192.0.2.10"])
+    steady(feed, refused, T0, 10, 5, ["192.0.2.11"])
+    # used from a new address after its rotation began, before the worker's
+    # watch list knows of the rotation
+    assert feed.feed([feed.event(T0 + 700, late.id, late.user, "203.0.113.5")]) == []
+    # the first request from a new address is refused (rate limited), the next served
+    first = feed.event(
+        T0 + 700, refused.id, refused.user, "203.0.113.6", status=429, rejected="rate_limited"
+    )
+    assert feed.feed([first]) == []
+    feed.detector.rotating = {str(late.id): T0 + 690, str(refused.id): T0 + 690}
+    found = feed.feed(
+        [
+            feed.event(T0 + 710, late.id, late.user, "192.0.2.10"),
+            feed.event(T0 + 710, refused.id, refused.user, "203.0.113.6"),
+        ]
+    )
+    assert {(f.api_key_id, f.rule) for f in found} == {
+        (str(late.id), "grace_new_address"),
+        (str(refused.id), "grace_new_address"),
+    }
+
+
+def test_ipv4_mapped_clients_are_their_ipv4_address(feed: Feed) -> None:
+    k = new_key()
+    steady(feed, k, T0, 90, 10, ["::ffff:192.0.2.10", "192.0.2.10"])
+    assert feed.detector.parts[0].keys[k.id.int].known == ("192.0.2.10",)
+    found = feed.feed(
+        [
+            feed.event(
+                T0 + 5400 + i * 0.05,
+                None,
+                None,
+                f"::ffff:198.51.100.{i % 250}",
+                status=401,
+                rejected="unauthorized",
+            )
+            for i in range(310)
+        ]
+    )
+    assert {f.subject for f in found} == {"net:198.51.100.0/24"}
+
+
 def test_snapshot_restore_and_replay_skip() -> None:
     clock = lambda: T0 + 86400  # noqa: E731
     first = Feed(Detector(Rules(warmup_minutes=60), clock=clock))

@@ -136,13 +136,13 @@ INSERT INTO api_key_events (api_key_id, action, detail) VALUES ($1, $2, $3::json
 -- name: lookup_identity
 -- What the edge needs to decide on a request, by key hash (the UNIQUE index).
 -- Unusable keys are returned too: their version orders the cache's entries.
--- A forced rotation's deadline is an expiry; a quarantine is a limit of the
--- key's own, always enforced (least() ignores NULLs).
+-- A forced rotation's deadline is an expiry; a quarantine is a per-minute
+-- limit of the key's own, enforced in shadow mode too (least() ignores NULLs).
 SELECT k.id, k.user_id, k.prefix, k.status, k.version,
        least(k.expires_at, k.rotate_by) AS expires_at, k.rotate_by, k.rotates_at, k.scopes,
        k.ip_allowlist::text[] AS ip_allowlist,
-       CASE WHEN k.quarantine_limit IS NOT NULL THEN 'enforce'
-            ELSE coalesce(k.limits_mode, t.limits_mode) END AS limits_mode,
+       coalesce(k.limits_mode, t.limits_mode) AS limits_mode,
+       k.quarantine_limit IS NOT NULL AS quarantined,
        u.status AS user_status, t.name AS tier, t.daily_quota,
        least(t.rate_limit_per_minute, k.quarantine_limit) AS rate_limit_per_minute,
        CASE WHEN k.quarantine_limit IS NOT NULL THEN 'quarantine:' || k.id
