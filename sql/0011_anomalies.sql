@@ -38,6 +38,9 @@ CREATE TABLE key_alerts (
     last_seen       timestamptz NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- what the last webhook said (NULL: none yet): a rise of either notifies again
+    notified_severity text,
+    notified_action text,
     acknowledged_by text,
     acknowledged_at timestamptz,
     resolved_by     text,

@@ -35,6 +35,7 @@ from metering.accounts.security import KeySecurity
 from metering.accounts.service import for_settings
 from metering.alerts.service import AlertsService
 from metering.alerts.webhooks import WebhookSender
+from metering.db.connect import is_row_fault
 from metering.db.queries import get
 from metering.detect.changelog import Changelog
 from metering.detect.detector import Detector, Finding
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 Q_ROTATING_KEYS = get("rotating_keys")
 Q_TIER_OVERRIDES = get("tier_detection_overrides")
 WATCH_EVERY_S = 5.0
+RECORD_WAIT_S = 30.0  # a checkpoint waits this long for the findings before it, then skips
 
 
 class Detection:
@@ -76,6 +78,7 @@ class Detection:
         )
         self.recorded = 0
         self.record_failures = 0
+        self.dropped = 0  # findings whose data PostgreSQL refused
         self.checkpoints = 0
         self.observe_seconds = 0.0  # time the rules took in the stream's path
         self.last_restore_s = 0.0
@@ -133,9 +136,16 @@ class Detection:
         numbers = sorted(partitions)
         self._ready.clear()
         try:
-            for p, records in (await self._read(numbers)).items():
-                self.detector.restore(p, records)
-            self.owned.update(numbers)
+            async with self._lock:
+                self.owned = set(numbers)  # eager rebalancing: these are all it owns now
+                for p, records in (await self._read(numbers)).items():
+                    try:
+                        self.detector.restore(p, records)
+                    except Exception:  # a record this release cannot read
+                        log.exception(
+                            "detection state of partition %d unreadable; starting empty", p
+                        )
+                        self.detector.restore(p, [])
         finally:
             self._ready.set()
         self.last_restore_s = time.perf_counter() - started
@@ -163,10 +173,14 @@ class Detection:
 
     async def revoked(self, partitions: Iterable[int]) -> None:
         partitions = list(partitions)
-        await self.checkpoint(partitions)
-        for p in partitions:
-            self.detector.drop(p)
-        self.owned.difference_update(partitions)
+        try:
+            await self.checkpoint(partitions)
+        except Exception as exc:  # their commits stay where the state was saved
+            log.warning("detection state of %s not saved before the hand-over: %r", partitions, exc)
+        finally:
+            for p in partitions:
+                self.detector.drop(p)
+            self.owned.difference_update(partitions)
 
     async def checkpoint(self, partitions: Iterable[int] | None = None) -> None:
         """Save the changed state: the findings raised before it first."""
@@ -177,12 +191,21 @@ class Detection:
                 self.detector.drop(stray)
             numbers = sorted(self.owned if partitions is None else set(partitions) & self.owned)
             snaps = [(p, *self.detector.snapshot(p)) for p in numbers]
-            await self._queue.join()
-            for p, offset, records in snaps:
-                if records:
-                    await self.changelog.write(p, records)
-                if offset >= 0:
-                    self.detector.saved(p, offset)
+            done = 0
+            try:
+                try:
+                    await asyncio.wait_for(self._queue.join(), RECORD_WAIT_S)
+                except TimeoutError:
+                    raise ServiceUnavailable("findings not recorded yet (PostgreSQL?)") from None
+                for p, offset, records in snaps:
+                    if records:
+                        await self.changelog.write(p, records)
+                    if offset >= 0:
+                        self.detector.saved(p, offset)
+                    done += 1
+            finally:  # what was not written is dirty again: nothing is committed past it
+                for p, _, records in snaps[done:]:
+                    self.detector.unsaved(p, (b for b, _ in records))
             self.checkpoints += 1
 
     # -- beside the stream --------------------------------------------------------
@@ -229,6 +252,10 @@ class Detection:
                 raise
             except Exception as exc:
                 self.record_failures += 1
+                if is_row_fault(exc):  # its data is refused: retrying never helps
+                    self.dropped += 1
+                    log.error("a %s finding cannot be recorded (%r); dropped", finding.rule, exc)
+                    return
                 log.warning("could not record a %s finding (%r); retrying", finding.rule, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

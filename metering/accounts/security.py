@@ -46,9 +46,12 @@ class KeySecurity:
             ref, store.Q_QUARANTINE_KEY, (limit,), "quarantined", {"limit": limit, "reason": reason}
         )
 
-    async def lift_quarantine(self, ref: str, *, reason: str) -> tuple[KeyInfo, bool]:
+    async def lift_quarantine(
+        self, ref: str, *, reason: str, alert: int | None = None
+    ) -> tuple[KeyInfo, bool]:
+        """Lifted; for ``alert``'s sake only if no other open alert acted on the key."""
         return await self._act(
-            ref, store.Q_LIFT_QUARANTINE, (), "quarantine_lifted", {"reason": reason}
+            ref, store.Q_LIFT_QUARANTINE, (alert,), "quarantine_lifted", {"reason": reason}
         )
 
     async def force_rotation(
@@ -63,11 +66,19 @@ class KeySecurity:
             {"deadline": deadline.isoformat(), "reason": reason},
         )
 
-    async def cancel_forced_rotation(self, ref: str, *, reason: str) -> tuple[KeyInfo, bool]:
+    async def cancel_forced_rotation(
+        self, ref: str, *, reason: str, alert: int | None = None
+    ) -> tuple[KeyInfo, bool]:
+        """Cancelled; for ``alert``'s sake only if no other unresolved alert forced it."""
         return await self._act(
-            ref, store.Q_CANCEL_FORCED_ROTATION, (), "rotation_cancelled", {"reason": reason}
+            ref, store.Q_CANCEL_FORCED_ROTATION, (alert,), "rotation_cancelled", {"reason": reason}
         )
 
-    async def reinstate(self, ref: str, *, reason: str) -> tuple[KeyInfo, bool]:
-        """Undo a revocation (an alert's): the key works again."""
-        return await self._act(ref, store.Q_REINSTATE_KEY, (), "reinstated", {"reason": reason})
+    async def reinstate(
+        self, ref: str, *, reason: str, revoked_for: str = "alert %"
+    ) -> tuple[KeyInfo, bool]:
+        """Undo a revocation whose reason matches ``revoked_for`` (a LIKE pattern;
+        by default any alert's): the key works again as it did before."""
+        return await self._act(
+            ref, store.Q_REINSTATE_KEY, (revoked_for,), "reinstated", {"reason": reason}
+        )

@@ -38,7 +38,7 @@ Q_LOCK_ALERT = get("lock_alert")
 Q_SET_ALERT_ACTION = get("set_alert_action")
 Q_ACKNOWLEDGE_ALERT = get("acknowledge_alert")
 Q_RESOLVE_ALERT = get("resolve_alert")
-Q_OTHER_QUARANTINING = get("other_quarantining_alerts")
+Q_MARK_NOTIFIED = get("mark_notified")
 Q_ENQUEUE_WEBHOOKS = get("enqueue_webhooks")
 
 ACTION_ORDER = ("none", "quarantine", "force_rotation", "revoke")
@@ -60,6 +60,8 @@ class Alert:
     last_seen: datetime
     created_at: datetime
     updated_at: datetime
+    notified_severity: str | None
+    notified_action: str | None
     acknowledged_by: str | None
     acknowledged_at: datetime | None
     resolved_by: str | None
@@ -122,7 +124,11 @@ class AlertsService:
     # -- the worker's side ------------------------------------------------------
 
     async def record(self, finding: Finding) -> tuple[Alert, str | None]:
-        """The finding's alert, and the webhook event it raised (None for an update)."""
+        """The finding's alert, and the webhook event it raised (None for an update).
+
+        Each step is re-derived from the stored alert, so a retry or a replay
+        after a failure anywhere finishes what is missing: the actions its
+        severity calls for, then the webhook for its severity and action."""
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 Q_UPSERT_ALERT,
@@ -138,14 +144,16 @@ class AlertsService:
             assert row is not None
             alert = await self.get(row["id"], conn)
         wanted = self._actions(alert)
-        if not row["created"] and _strongest(wanted) <= ACTION_ORDER.index(alert.action):
+        if _strongest(wanted) > ACTION_ORDER.index(alert.action):
+            for action in wanted:
+                await self._act(alert, action, finding.baseline_per_minute)
+            alert = await self.get(alert.id)
+        if (alert.notified_severity, alert.notified_action) == (alert.severity, alert.action):
             return alert, None
-        for action in wanted:
-            await self._act(alert, action, finding.baseline_per_minute)
-        event = "alert.opened" if row["created"] else "alert.escalated"
-        async with self._conn() as conn:
-            alert = await self.get(alert.id, conn)
+        event = "alert.opened" if alert.notified_action is None else "alert.escalated"
+        async with self._conn() as conn, conn.transaction():
             await self._notify(conn, event, alert)
+            await conn.execute(Q_MARK_NOTIFIED, alert.id, alert.severity, alert.action)
         return alert, event
 
     def _actions(self, alert: Alert) -> tuple[str, ...]:
@@ -180,7 +188,7 @@ class AlertsService:
                 "rotate_url": self.rotation_url,
             }
         body = json.dumps(message(event, alert, **extra), separators=(",", ":"))
-        msg_id = f"msg_alert{alert.id}_{event.split('.')[1]}_{alert.action}"
+        msg_id = f"msg_alert{alert.id}_{event.split('.')[1]}_{alert.severity}_{alert.action}"
         await conn.execute(Q_ENQUEUE_WEBHOOKS, msg_id, event, body)
 
     # -- operators --------------------------------------------------------------
@@ -227,20 +235,21 @@ class AlertsService:
         if undo and alert.api_key_id is not None:
             ref = str(alert.api_key_id)
             if alert.action in ("force_rotation", "revoke"):
-                await self.security.cancel_forced_rotation(ref, reason=reason)
-            if alert.action == "revoke":
-                await self.security.reinstate(ref, reason=reason)
+                await self.security.cancel_forced_rotation(ref, reason=reason, alert=alert.id)
+            if alert.action == "revoke":  # only the revocation this alert made
+                await self.security.reinstate(
+                    ref, reason=reason, revoked_for=f"alert {alert.id}: %"
+                )
         async with self._conn() as conn:
             await self._notify(conn, "alert.resolved", alert)
         return alert
 
     async def _lift(self, alert: Alert, reason: str) -> None:
-        if alert.api_key_id is None or alert.action == "none":
-            return
-        async with self._conn() as conn:
-            others = await conn.fetchval(Q_OTHER_QUARANTINING, alert.api_key_id, alert.id)
-        if not others:
-            await self.security.lift_quarantine(str(alert.api_key_id), reason=reason)
+        """The quarantine goes, unless another open alert acted on the key (one statement)."""
+        if alert.api_key_id is not None and alert.action != "none":
+            await self.security.lift_quarantine(
+                str(alert.api_key_id), reason=reason, alert=alert.id
+            )
 
 
 def _strongest(actions: tuple[str, ...]) -> int:

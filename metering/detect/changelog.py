@@ -11,6 +11,7 @@ events it already holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -72,8 +73,8 @@ class Changelog:
             enable_auto_commit=False,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
-        await consumer.start()
         try:
+            await consumer.start()
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
@@ -95,4 +96,5 @@ class Changelog:
         except KafkaError as exc:
             raise ServiceUnavailable(f"detection changelog read failed: {exc!r}") from exc
         finally:
-            await consumer.stop()
+            with contextlib.suppress(Exception):
+                await consumer.stop()

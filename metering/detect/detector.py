@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from sys import intern
 from typing import Any, Protocol
@@ -203,6 +203,12 @@ class Detector:
         ]
         return offset, out
 
+    def unsaved(self, number: int, buckets: Iterable[int]) -> None:
+        """A snapshot's write failed: its buckets are dirty again (written next time)."""
+        part = self.parts.get(number)
+        if part is not None:
+            part.dirty.update(buckets)
+
     def saved(self, number: int, offset: int) -> None:
         """The snapshot that covered ``offset`` is in the changelog."""
         part = self.parts.get(number)
@@ -247,7 +253,11 @@ class Detector:
             part.dirty.add(key_id & mask)
             self.stats.expired += 1
         tau = self.rules.decay_minutes * 60
-        for name in [n for n, c in part.nets.items() if decayed(c.value, c.t, now, tau) < 0.5]:
+        # decayed to the partition's event time (a backlog's counts stay whole), but
+        # never to more than an hour behind the clock (memory stays bounded)
+        latest = max((c.t for c in part.nets.values()), default=now)
+        at = max(min(latest, now), now - 3600)
+        for name in [n for n, c in part.nets.items() if decayed(c.value, c.t, at, tau) < 0.5]:
             del part.nets[name]
             part.dirty.add(zlib.crc32(name.encode()) & mask)
             self.stats.expired += 1

@@ -167,3 +167,58 @@ async def test_tier_detection_overrides_are_checked(kafka_settings, db) -> None:
         await db.fetchval("SELECT features::text FROM access_tiers WHERE name = 'free'")
     )
     assert "detection" not in features
+
+
+async def test_undo_reverses_only_what_the_alert_did(kafka_settings, db, setup) -> None:
+    accounts, alerts, user, key = setup
+    # two alerts force the rotation: undoing one keeps the other's deadline
+    first, _ = await alerts.record(finding(key.id, user.id, "fan_out", "high"))
+    second, _ = await alerts.record(finding(key.id, user.id, "scope_probe", "high"))
+    await alerts.resolve(first.id, by="oncall", undo=True)
+    after = await accounts.get_key(str(key.id))
+    assert after.rotate_by is not None and after.quarantine_limit is not None
+    await alerts.resolve(second.id, by="oncall", undo=True)
+    after = await accounts.get_key(str(key.id))
+    assert after.rotate_by is None and after.quarantine_limit is None
+
+    # the owner revoked the key themselves: a false alarm's undo does not bring it back
+    await accounts.revoke_key(str(key.id), reason="owner: leaked in a gist")
+    crit, _ = await alerts.record(finding(key.id, user.id, "grace_new_address", "critical"))
+    assert crit.action == "revoke"
+    await alerts.resolve(crit.id, by="oncall", undo=True)
+    assert (await accounts.get_key(str(key.id))).status == "revoked"
+
+    # a key in its rotation grace revoked by an alert comes back in its grace
+    _, other = await accounts.create_key(user=user.id, name="other")
+    await accounts.rotate_key(str(other.id))
+    crit, _ = await alerts.record(finding(other.id, user.id, "grace_new_address", "critical"))
+    assert (await accounts.get_key(str(other.id))).status == "revoked"
+    await alerts.resolve(crit.id, by="oncall", undo=True)
+    back = await accounts.get_key(str(other.id))
+    assert back.status == "rotating" and back.rotates_at is not None
+
+
+async def test_a_webhook_lost_before_it_was_queued_is_queued_by_the_retry(
+    kafka_settings, db, setup
+) -> None:
+    accounts, alerts, user, key = setup
+    await db.execute(
+        "INSERT INTO webhook_endpoints (url, secret) VALUES ('http://127.0.0.1:9/x', 'whsec_AAAA')"
+    )
+    alert, event = await alerts.record(finding(key.id, user.id, "fan_out", "high"))
+    assert event == "alert.opened"
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+    # as if the transaction queueing it had failed after the actions
+    await db.execute("DELETE FROM webhook_deliveries")
+    await db.execute(
+        "UPDATE key_alerts SET notified_severity = NULL, notified_action = NULL WHERE id = $1",
+        alert.id,
+    )
+    again, event = await alerts.record(finding(key.id, user.id, "fan_out", "high"))
+    assert again.id == alert.id and event == "alert.opened"
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 1
+    # and a replay once it is queued sends nothing more
+    assert (await alerts.record(finding(key.id, user.id, "fan_out", "high")))[1] is None
+    # a rise in severity is news
+    _, event = await alerts.record(finding(key.id, user.id, "fan_out", "critical"))
+    assert event == "alert.escalated"

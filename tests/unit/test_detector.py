@@ -338,6 +338,13 @@ def test_commits_wait_for_the_changelog() -> None:
     d.detector.saved(0, offset)
     assert d.detector.committable(0, 10) == 10
     assert d.detector.committable(1, 5) == 5  # a partition it never saw
+    # a snapshot whose write failed: its buckets go out with the next one
+    steady(d, k, T0 + 60, 1, 10, ["192.0.2.1"])
+    _, failed = d.detector.snapshot(0)
+    assert failed and d.detector.snapshot(0)[1] == []
+    d.detector.unsaved(0, (b for b, _ in failed))
+    assert [b for b, _ in d.detector.snapshot(0)[1]] == [b for b, _ in failed]
+    assert d.detector.committable(0, 20) == 10  # still capped at what was saved
 
 
 def test_idle_state_expires() -> None:

@@ -167,9 +167,14 @@ WHERE id = $1 AND status IN ('active', 'rotating')
 RETURNING key_hash, version;
 
 -- name: lift_quarantine
+-- $2: the alert lifting it; another open alert that acted on the key keeps it
+-- (NULL: an operator's release, whatever the alerts).
 UPDATE api_keys
 SET quarantine_limit = NULL, quarantined_at = NULL, version = nextval('api_key_versions')
 WHERE id = $1 AND quarantine_limit IS NOT NULL
+  AND ($2::bigint IS NULL OR NOT EXISTS (
+        SELECT 1 FROM key_alerts a
+        WHERE a.api_key_id = $1 AND a.id <> $2 AND a.status = 'open' AND a.action <> 'none'))
 RETURNING key_hash, version;
 
 -- name: force_rotation
@@ -181,17 +186,26 @@ WHERE id = $1 AND status IN ('active', 'rotating')
 RETURNING key_hash, version;
 
 -- name: cancel_forced_rotation
+-- $2: the alert undoing it; another unresolved alert that forced it keeps it
+-- (NULL: an operator's release).
 UPDATE api_keys
 SET rotate_by = NULL, version = nextval('api_key_versions')
 WHERE id = $1 AND rotate_by IS NOT NULL
+  AND ($2::bigint IS NULL OR NOT EXISTS (
+        SELECT 1 FROM key_alerts a
+        WHERE a.api_key_id = $1 AND a.id <> $2 AND a.status <> 'resolved'
+          AND a.action IN ('force_rotation', 'revoke')))
 RETURNING key_hash, version;
 
 -- name: reinstate_key
--- Undo a revocation made by an alert: the key works again.
+-- Undo a revocation whose reason matches $2 (an alert's: 'alert <id>: %'):
+-- the key works again as it did, in its rotation grace if it was in one; a
+-- grace that has ended meanwhile, or a revocation by anyone else, stays.
 UPDATE api_keys
-SET status = 'active', revoked_at = NULL, revocation_reason = NULL,
-    version = nextval('api_key_versions')
-WHERE id = $1 AND status = 'revoked'
+SET status = CASE WHEN rotates_at IS NOT NULL THEN 'rotating' ELSE 'active' END,
+    revoked_at = NULL, revocation_reason = NULL, version = nextval('api_key_versions')
+WHERE id = $1 AND status = 'revoked' AND revocation_reason LIKE $2
+  AND (rotates_at IS NULL OR rotates_at > now())
 RETURNING key_hash, version;
 
 -- name: key_history

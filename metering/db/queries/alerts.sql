@@ -20,7 +20,8 @@ RETURNING id, (xmax = 0) AS created;
 -- name: alert_by_id
 SELECT a.id, a.subject, a.api_key_id, a.user_id, a.rule, a.severity, a.status, a.action,
        a.evidence::text AS evidence, a.occurrences, a.first_seen, a.last_seen, a.created_at,
-       a.updated_at, a.acknowledged_by, a.acknowledged_at, a.resolved_by, a.resolved_at, a.note,
+       a.updated_at, a.notified_severity, a.notified_action, a.acknowledged_by,
+       a.acknowledged_at, a.resolved_by, a.resolved_at, a.note,
        k.prefix AS key_prefix, u.email AS user_email
 FROM key_alerts a
 LEFT JOIN api_keys k ON k.id = a.api_key_id
@@ -31,7 +32,8 @@ WHERE a.id = $1;
 -- Newest first; $1 a status or NULL for all, $2 a key id or NULL, $3 the most to return.
 SELECT a.id, a.subject, a.api_key_id, a.user_id, a.rule, a.severity, a.status, a.action,
        a.evidence::text AS evidence, a.occurrences, a.first_seen, a.last_seen, a.created_at,
-       a.updated_at, a.acknowledged_by, a.acknowledged_at, a.resolved_by, a.resolved_at, a.note,
+       a.updated_at, a.notified_severity, a.notified_action, a.acknowledged_by,
+       a.acknowledged_at, a.resolved_by, a.resolved_at, a.note,
        k.prefix AS key_prefix, u.email AS user_email
 FROM key_alerts a
 LEFT JOIN api_keys k ON k.id = a.api_key_id
@@ -66,11 +68,9 @@ SET status = 'resolved', resolved_by = $2, resolved_at = now(),
 WHERE id = $1 AND status <> 'resolved'
 RETURNING id;
 
--- name: other_quarantining_alerts
--- Open alerts of the key other than $2 that keep it quarantined.
-SELECT count(*) FROM key_alerts
-WHERE api_key_id = $1 AND id <> $2 AND status = 'open'
-  AND action IN ('quarantine', 'force_rotation', 'revoke');
+-- name: mark_notified
+-- The webhook for this severity and action is queued (with it, in one transaction).
+UPDATE key_alerts SET notified_severity = $2, notified_action = $3 WHERE id = $1;
 
 -- name: rotating_keys
 -- Keys in their rotation grace period and when it began (the grace_new_address
@@ -114,14 +114,15 @@ WHERE e.active AND (e.event_types = '{}' OR $2 = ANY (e.event_types))
 ON CONFLICT (id) DO NOTHING;
 
 -- name: claim_deliveries
--- Due deliveries, leased for $2 seconds (another worker skips them meanwhile).
+-- Due deliveries to active endpoints, leased for $2 seconds (another worker
+-- skips them meanwhile).
 UPDATE webhook_deliveries d
 SET next_attempt_at = now() + make_interval(secs => $2)
 FROM webhook_endpoints e
 WHERE d.id IN (SELECT id FROM webhook_deliveries
                WHERE status = 'pending' AND next_attempt_at <= now()
                ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-  AND e.id = d.endpoint_id
+  AND e.id = d.endpoint_id AND e.active
 RETURNING d.id, d.endpoint_id, d.event_type, d.body, d.attempts, e.url, e.secret;
 
 -- name: record_attempt
@@ -137,7 +138,7 @@ SET attempts = $2,
     delivered_at = CASE WHEN $3 THEN now() END,
     last_error = CASE WHEN $3 THEN NULL ELSE $5 END,
     next_attempt_at = now() + make_interval(secs => coalesce($7::float8, 0))
-WHERE id = $1;
+WHERE id = $1 AND status = 'pending' AND attempts = $2 - 1;  -- a late answer changes nothing
 
 -- name: delivery_attempts
 SELECT d.id, d.event_type, d.status, d.attempts, a.attempt, a.attempted_at, a.status_code,
