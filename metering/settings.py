@@ -81,7 +81,7 @@ class Settings:
     detection_revoke: bool = False  # critical findings revoke the key (else quarantine + rotation)
     forced_rotation_hours: float = 24.0  # a forced rotation's deadline
     rotation_url: str = "/keys/rotate"  # where an owner rotates a key (the Sunset Link header)
-    webhook_max_attempts: int = 10  # deliveries retried with backoff, then marked failed
+    webhook_max_attempts: int = 15  # deliveries retried with backoff (~4 h), then marked failed
     webhook_timeout_s: float = 10.0
 
     # local stack (`metering stack`, dev tooling only)

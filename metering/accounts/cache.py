@@ -41,9 +41,9 @@ _RELEASE = load_source("identity_release", with_gcra=False)
 
 
 # The cached identity's format. It is part of the entry's name (edge_check.lua
-# reads "<prefix>:id1:<hash>"): a release that changes the fields changes the
+# reads "<prefix>:id3:<hash>"): a release that changes the fields changes the
 # name, so an edge never parses an entry written in another format.
-ENTRY_FORMAT = "id3"  # id2: limit_key; id3: rotate_by (forced rotation)
+ENTRY_FORMAT = "id3"  # id2: limit_key; id3: rotate_by and quarantined (#11)
 
 
 def entry_key(prefix: str, key_hash: str) -> str:

@@ -76,7 +76,16 @@ async def add_endpoint(
     conn: asyncpg.Connection, url: str, *, event_types: list[str], description: str | None
 ) -> tuple[dict[str, Any], str]:
     """A new endpoint and its secret (shown once)."""
-    if not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        parsed = None
+    if (
+        parsed is None
+        or parsed.scheme not in ("http", "https")
+        or not parsed.host
+        or any(c.isspace() for c in url)
+    ):
         raise InputError(f"{url!r} is not an http(s) URL")
     unknown = sorted(set(event_types) - set(EVENT_TYPES))
     if unknown:
@@ -162,8 +171,14 @@ class WebhookSender:
         while True:
             try:
                 sent = await self.deliver_due()
+            except asyncio.CancelledError:
+                raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("webhook deliveries paused: %s", exc)
+                sent = 0
+                await asyncio.sleep(5)
+            except Exception:  # never let the sender die: the next round tries again
+                log.exception("webhook delivery round failed")
                 sent = 0
                 await asyncio.sleep(5)
             if sent == 0:
@@ -213,13 +228,18 @@ class WebhookSender:
             self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False)
         started = time.perf_counter()
         msg_id = row["id"]
-        try:
-            response = await self._client.post(
-                row["url"],
-                content=row["body"].encode(),
-                headers=signed_headers(row["secret"], msg_id, row["body"]),
+        try:  # one bound on the whole attempt (httpx's timeout is per phase)
+            response = await asyncio.wait_for(
+                self._client.post(
+                    row["url"],
+                    content=row["body"].encode(),
+                    headers=signed_headers(row["secret"], msg_id, row["body"]),
+                ),
+                self.timeout_s,
             )
-        except httpx.HTTPError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # refused, timed out, an address httpx cannot use ...
             return False, None, f"{type(exc).__name__}: {exc}"[:500], _ms(started)
         ok = 200 <= response.status_code < 300
         return (

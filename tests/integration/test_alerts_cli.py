@@ -145,7 +145,12 @@ async def test_webhooks_through_the_cli_are_signed_and_recorded(kafka_settings, 
         assert code == 1 and "failed (401)" in stdout and receiver.rejected == 1
     finally:
         await receiver.stop()
-    for bad in (["webhooks", "add", "ftp://x"], ["webhooks", "add", url, "--event", "nope"]):
+    for bad in (
+        ["webhooks", "add", "ftp://x"],
+        ["webhooks", "add", "http://[::1/"],
+        ["webhooks", "add", "http:///nohost"],
+        ["webhooks", "add", url, "--event", "nope"],
+    ):
         out = run_cli(s, *bad)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
@@ -201,7 +206,7 @@ async def test_undo_reverses_only_what_the_alert_did(kafka_settings, db, setup) 
 async def test_a_webhook_lost_before_it_was_queued_is_queued_by_the_retry(
     kafka_settings, db, setup
 ) -> None:
-    accounts, alerts, user, key = setup
+    _, alerts, user, key = setup
     await db.execute(
         "INSERT INTO webhook_endpoints (url, secret) VALUES ('http://127.0.0.1:9/x', 'whsec_AAAA')"
     )
