@@ -182,8 +182,11 @@ class Detection:
                 self.detector.drop(p)
             self.owned.difference_update(partitions)
 
-    async def checkpoint(self, partitions: Iterable[int] | None = None) -> None:
-        """Save the changed state: the findings raised before it first."""
+    async def checkpoint(
+        self, partitions: Iterable[int] | None = None, *, wait_s: float = RECORD_WAIT_S
+    ) -> None:
+        """Save the changed state: the findings raised before it first (waited for
+        ``wait_s`` at most; then nothing is saved and commits stay where they are)."""
         async with self._lock:
             # only partitions this worker owns: state of one handed over (a
             # late batch of it) must never overwrite its new owner's changelog
@@ -194,7 +197,7 @@ class Detection:
             done = 0
             try:
                 try:
-                    await asyncio.wait_for(self._queue.join(), RECORD_WAIT_S)
+                    await asyncio.wait_for(self._queue.join(), wait_s)
                 except TimeoutError:
                     raise ServiceUnavailable("findings not recorded yet (PostgreSQL?)") from None
                 for p, offset, records in snaps:

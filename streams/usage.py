@@ -141,7 +141,8 @@ class UsageConsumer(mode.Service):
             try:
                 await self.drain()
                 if self.detection is not None:  # save the state, commit what it covers
-                    await self.detection.checkpoint()
+                    # (not waiting out an outage: unsaved state is replayed next time)
+                    await self.detection.checkpoint(wait_s=5.0)
                     await self.commit_retired()
             except Exception:
                 log.exception("could not finish the batches in flight; Kafka will redeliver them")
