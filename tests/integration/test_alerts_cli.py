@@ -28,11 +28,14 @@ async def run_cli_async(settings: Settings, *args: str) -> tuple[int, str, str]:
         f"METERING_{f.upper()}": str(getattr(settings, f)) for f in settings.__dataclass_fields__
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "metering.cli", *args,
+        sys.executable,
+        "-m",
+        "metering.cli",
+        *args,
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -227,3 +230,55 @@ async def test_a_webhook_lost_before_it_was_queued_is_queued_by_the_retry(
     # a rise in severity is news
     _, event = await alerts.record(finding(key.id, user.id, "fan_out", "critical"))
     assert event == "alert.escalated"
+
+
+async def test_a_failed_delivery_is_retried_with_backoff_and_every_attempt_recorded(
+    kafka_settings, db, setup
+) -> None:
+    from metering.alerts.webhooks import WebhookSender, add_endpoint, backoff
+
+    _, alerts, user, key = setup
+    receiver = Receiver()
+    answers = iter([b"500 Internal Server Error", b"204 No Content"])
+    serve = receiver._serve
+
+    async def flaky(reader, writer):  # the first attempt fails, the second is verified
+        status = next(answers)
+        if status.startswith(b"500"):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        await serve(reader, writer)
+
+    receiver._serve = flaky  # type: ignore[method-assign]
+    url = await receiver.start()
+    try:
+        _, receiver.secret = await add_endpoint(db, url, event_types=[], description=None)
+        await alerts.record(finding(key.id, user.id, "fan_out", "high"))
+        sender = WebhookSender(db, timeout_s=5, max_attempts=3)
+        assert await sender.deliver_due() == 1
+        row = await db.fetchrow(
+            "SELECT status, attempts, next_attempt_at - now() AS wait FROM webhook_deliveries"
+        )
+        assert row["status"] == "pending" and row["attempts"] == 1
+        assert 2.4 <= row["wait"].total_seconds() <= 5.1  # 5 s, half of it jittered
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not receiver.received:
+            await sender.deliver_due()
+            await asyncio.sleep(0.25)
+        await sender.close()
+        assert [r["payload"]["type"] for r in receiver.received] == ["alert.opened"]
+        attempts = await db.fetch(
+            "SELECT attempt, status_code FROM webhook_attempts ORDER BY attempt"
+        )
+        assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 204)]
+        assert await db.fetchval("SELECT status FROM webhook_deliveries") == "delivered"
+    finally:
+        await receiver.stop()
+    waits = [backoff(n) for n in range(1, 16)]
+    assert all(
+        min(5 * 2 ** (n - 1), 3600) / 2 <= w <= min(5 * 2 ** (n - 1), 3600)
+        for n, w in enumerate(waits, 1)
+    )

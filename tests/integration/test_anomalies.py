@@ -374,3 +374,38 @@ async def test_two_workers_on_different_partitions_both_detect(
     assert sorted(r["api_key_id"] for r in rows) == sorted([cast[0].key_id, cast[1].key_id])
     assert await metric(one, "metering_detection_findings_total") >= 1
     assert await metric(two, "metering_detection_findings_total") >= 1
+
+
+async def test_a_tiers_own_thresholds_reach_the_worker(
+    kafka_settings: Settings, db: asyncpg.Connection, accounts: AccountsService, worker_factory
+) -> None:
+    """The same fan-out on two keys: flagged on the default tier, not on a tier
+    whose `features.detection` raises the floor (set with the service, read by
+    the worker's watch list)."""
+    s = dataclasses.replace(kafka_settings, detection_rules=WARMUP)
+    rng = random.Random(14)
+    plain = await make_actors(accounts, ["fan_out"])
+    lenient = await make_actors(accounts, ["fan_out"])  # each call makes a tier of its own
+    tier = (await accounts.get_user(lenient[0].user_id)).tier
+    await accounts.set_tier_detection(tier, {"fanout_floor": 500})
+    cast = plain + lenient
+    now = time.time()
+    past = history(cast, now, rng)
+    await publish(s, past)
+    worker = worker_factory(s)
+
+    async def learned() -> bool:
+        worker.assert_running()
+        return await metric(worker, "metering_detection_events_total") >= len(past)
+
+    await eventually(learned, timeout=90, what="the history")
+    for a in cast:
+        await publish(s, attack(a, time.time(), rng))
+
+    async def flagged() -> bool:
+        return bool(await alerts(db))
+
+    await eventually(flagged, timeout=20, what="the default tier's key flagged")
+    await asyncio.sleep(3)  # the other key's events were in the same batches
+    rows = await alerts(db)
+    assert [(r["rule"], r["api_key_id"]) for r in rows] == [("fan_out", plain[0].key_id)]
