@@ -120,6 +120,8 @@ class KeyState:
                 self.known = None
                 return
             self.known = (*known, addr)
+            if not known:  # a key's first address is no news: it has no history yet
+                return
             if self.new_addrs is None:
                 self.new_addrs = [(addr, t)]
             else:  # the latest few

@@ -14,7 +14,7 @@ from typing import Any
 from metering.detect.rules import Finding, Rules
 from metering.detect.state import SAMPLE, KeyState, NetCount, decayed
 
-NEW_ADDRESS_MEMORY_S = 120.0  # new addresses wait this long for the rotation watch list
+NEW_ADDRESS_MEMORY_S = 30.0  # new addresses wait this long for the rotation watch list (5 s)
 
 
 def key_rules(
