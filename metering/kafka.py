@@ -22,7 +22,7 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         # (the latest record of each bucket is the state); small segments so
         # compaction keeps it near the size of the live state.
         NewTopic(
-            settings.detection_state_topic,
+            settings.state_topic,
             settings.events_partitions,
             rf,
             topic_configs={

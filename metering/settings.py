@@ -76,7 +76,9 @@ class Settings:
     # anomaly detection (metering/detect/rules.py has every threshold and its default)
     detection_enabled: bool = True
     detection_rules: str = ""  # JSON object overriding thresholds, e.g. {"spike_factor": 6}
-    detection_state_topic: str = "metering.detection.state"  # compacted changelog
+    # compacted changelog of the rules' state; "" = "<worker_id>-detection-state" (one
+    # per consumer group: two deployments reading one events topic never share it)
+    detection_state_topic: str = ""
     detection_checkpoint_s: float = 10.0  # state saved this often (a crash replays at most this)
     detection_revoke: bool = False  # critical findings revoke the key (else quarantine + rotation)
     forced_rotation_hours: float = 24.0  # a forced rotation's deadline
@@ -93,6 +95,11 @@ class Settings:
     max_future_skew_s: int = 300
     retention_days: int = 90
     partitions_ahead_months: int = 2
+
+    @property
+    def state_topic(self) -> str:
+        """The rules' state topic: the setting, or one named after the worker's group."""
+        return self.detection_state_topic or f"{self.worker_id}-detection-state"
 
     @property
     def pepper(self) -> bytes | None:
@@ -128,7 +135,7 @@ class Settings:
                 shown = "(set)" if name == "key_pepper" else repr(_without_password(value))
                 raise ConfigurationError(f"{PREFIX}{name.upper()}={shown}: must be {allowed}")
         topics = {
-            self.events_topic, self.dlq_topic, self.alerts_topic, self.detection_state_topic
+            self.events_topic, self.dlq_topic, self.alerts_topic, self.state_topic
         }  # fmt: skip
         if len(topics) != 4:
             raise ConfigurationError(
@@ -248,7 +255,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: _detection_rules(v),
         'a JSON object of detection thresholds (see docs/anomalies.md), e.g. {"spike_factor": 6}',
     ),
-    "detection_state_topic": _topic,
+    "detection_state_topic": (
+        (lambda v: v == "" or bool(_TOPIC.match(v))),
+        "empty, or a Kafka topic name",
+    ),
     "detection_checkpoint_s": ((lambda v: 0.1 <= v <= 3600), ">= 0.1 and <= 3600"),
     "detection_revoke": ((lambda v: isinstance(v, bool)), "true or false"),
     "forced_rotation_hours": ((lambda v: 0 < v <= 8_760), "> 0 and <= 8760"),

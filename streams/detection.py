@@ -60,7 +60,7 @@ class Detection:
         self.detector = Detector(self.rules)
         self.changelog = Changelog(
             settings.kafka_bootstrap,
-            settings.detection_state_topic,
+            settings.state_topic,
             client_id=f"{settings.worker_id}-detect",
         )
         self.after_checkpoint: Callable[[], Awaitable[None]] | None = None
@@ -86,7 +86,7 @@ class Detection:
     async def start(self) -> None:
         s = self.settings
         self._pool = await asyncpg.create_pool(
-            s.database_url, min_size=1, max_size=3, command_timeout=s.db_command_timeout_s
+            s.database_url, min_size=0, max_size=3, command_timeout=s.db_command_timeout_s
         )
         self._redis = aioredis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.alerts = AlertsService(

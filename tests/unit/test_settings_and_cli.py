@@ -66,7 +66,7 @@ BAD_AND_EDGE = {
     "worker_instance_id": ("a b", "worker-1"),
     "detection_enabled": None,  # coercion refuses anything but a boolean word
     "detection_rules": ('{"nope": 1}', '{"spike_factor": 6}'),
-    "detection_state_topic": ("bad topic", "state.v2"),
+    "detection_state_topic": ("bad topic", ""),
     "detection_checkpoint_s": ("0", "0.1"),
     "detection_revoke": None,
     "forced_rotation_hours": ("0", "0.5"),
@@ -186,3 +186,9 @@ def test_a_url_password_never_shows_in_the_error():
 def test_a_value_of_the_wrong_type_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="METERING_TRUSTED_PROXIES"):
         Settings.from_env({}, trusted_proxies=None)
+
+
+def test_the_rules_state_topic_belongs_to_the_consumer_group():
+    assert Settings().state_topic == "metering-usage-detection-state"
+    assert Settings(worker_id="eu-1").state_topic == "eu-1-detection-state"
+    assert Settings(detection_state_topic="x.state").state_topic == "x.state"
