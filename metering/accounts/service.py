@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from metering.accounts.model import (
     validate_cidrs,
     validate_scopes,
 )
+from metering.db.connect import connection
 from metering.errors import InputError
 from metering.settings import Settings
 
@@ -63,13 +64,8 @@ class AccountsService:
         self._grace = rotation_grace
         self.cache_failures = 0
 
-    @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        if isinstance(self._db, asyncpg.Pool):
-            async with self._db.acquire() as conn:
-                yield conn
-        else:
-            yield self._db
+    def _conn(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        return connection(self._db)
 
     async def _read(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         async with self._conn() as conn:

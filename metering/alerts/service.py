@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import asyncpg
 
 from metering.accounts.security import KeySecurity
+from metering.db.connect import connection
 from metering.db.queries import get
 from metering.detect.detector import Finding
 from metering.detect.rules import actions_for
@@ -113,13 +113,8 @@ class AlertsService:
         self.forced_rotation = forced_rotation
         self.rotation_url = rotation_url
 
-    @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        if isinstance(self._db, asyncpg.Pool):
-            async with self._db.acquire() as conn:
-                yield conn
-        else:
-            yield self._db
+    def _conn(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        return connection(self._db)
 
     # -- the worker's side ------------------------------------------------------
 

@@ -28,6 +28,7 @@ import asyncpg
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from metering.db.connect import connection
 from metering.db.queries import get
 from metering.errors import InputError
 
@@ -193,11 +194,8 @@ class WebhookSender:
         lease = self.timeout_s + 30
         db = self.db
         assert db is not None
-        if isinstance(db, asyncpg.Pool):
-            async with db.acquire() as conn:
-                rows = await conn.fetch(Q_CLAIM, self.batch, lease)
-        else:
-            rows = await db.fetch(Q_CLAIM, self.batch, lease)
+        async with connection(db) as conn:
+            rows = await conn.fetch(Q_CLAIM, self.batch, lease)
         if not rows:
             return 0
         results = await asyncio.gather(*(self._attempt(r) for r in rows))
@@ -215,12 +213,10 @@ class WebhookSender:
                         "webhook %s to %s failed %d times; given up (%s)",
                         row["id"], row["url"], attempt, error,
                     )  # fmt: skip
-            args = (row["id"], attempt, ok, status, error, ms, delay)
-            if isinstance(db, asyncpg.Pool):
-                async with db.acquire() as conn:
-                    await conn.execute(Q_RECORD_ATTEMPT, *args)
-            else:
-                await db.execute(Q_RECORD_ATTEMPT, *args)
+            async with connection(db) as conn:
+                await conn.execute(
+                    Q_RECORD_ATTEMPT, row["id"], attempt, ok, status, error, ms, delay
+                )
         return len(rows)
 
     async def _attempt(self, row: Mapping[str, Any]) -> tuple[bool, int | None, str | None, float]:

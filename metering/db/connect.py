@@ -17,8 +17,10 @@ with the same error is treated as an outage too; see metering.usage.pipeline.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -132,3 +134,13 @@ def describe(exc: BaseException) -> str:
     state = getattr(exc, "sqlstate", None)
     text = str(exc) or type(exc).__name__
     return f"{state}: {text}" if state else f"{type(exc).__name__}: {text}"
+
+
+@contextlib.asynccontextmanager
+async def connection(db: asyncpg.Connection | asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection from ``db``: the connection itself, or one acquired from the pool."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            yield conn
+    else:
+        yield db
