@@ -24,41 +24,13 @@ from typing import Any
 import asyncpg
 import httpx
 import redis.asyncio as aioredis
-from standardwebhooks import Webhook
 
 from metering.accounts.service import for_settings
 from metering.alerts import webhooks
+from metering.dev.receiver import Receiver
 from metering.settings import Settings
 
 ALLOWED, OUTSIDE = "10.1.2.3", "198.51.100.7"
-
-
-class Receiver:
-    """The on-call's endpoint: accepts a webhook only with a valid signature."""
-
-    def __init__(self) -> None:
-        self.secret = ""
-        self.verified: list[tuple[dict[str, str], Any]] = []
-        self.refused = 0
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (line.partition(":") for line in head[1:] if ":" in line)
-            }
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            try:
-                self.verified.append((headers, Webhook(self.secret).verify(body, headers)))
-                status = b"204 No Content"
-            except Exception:
-                self.refused += 1
-                status = b"401 Unauthorized"
-            writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\n\r\n")
-            await writer.drain()
-        finally:
-            writer.close()
 
 
 async def until(check: Any, timeout: float) -> Any:
@@ -73,8 +45,7 @@ async def until(check: Any, timeout: float) -> Any:
 async def run(app: str, timeout: float) -> int:
     s = Settings.from_env()
     receiver = Receiver()
-    server = await asyncio.start_server(receiver.serve, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/on-call"
+    url = await receiver.start()
     conn = await asyncpg.connect(s.database_url)
     redis = aioredis.from_url(s.redis_url)
     try:
@@ -121,12 +92,12 @@ async def run(app: str, timeout: float) -> int:
             )
 
             async def notified() -> bool:
-                return bool(receiver.verified)
+                return bool(receiver.received)
 
             if not await until(notified, timeout):
                 print("[leak] no webhook arrived", file=sys.stderr)
                 return 1
-            headers, payload = receiver.verified[0]
+            headers, payload = receiver.received[0]["headers"], receiver.received[0]["payload"]
             data = payload["data"]
             print(
                 f"[leak] webhook received and verified: {payload['type']} {data['rule']} on "
@@ -149,7 +120,7 @@ async def run(app: str, timeout: float) -> int:
         print(f"[leak] user {user.email}")
         return 0
     finally:
-        server.close()
+        await receiver.stop()
         await redis.aclose()
         await conn.close()
 

@@ -18,8 +18,8 @@ from metering.accounts.security import KeySecurity
 from metering.accounts.service import for_settings
 from metering.alerts.service import AlertsService
 from metering.detect.rules import Finding
+from metering.dev.receiver import Receiver
 from metering.settings import Settings
-from tests.integration.test_anomalies import Receiver
 from tests.integration.test_cli import run_cli
 
 

@@ -17,17 +17,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from standardwebhooks import Webhook
 
 from metering.accounts.service import AccountsService, for_settings
 from metering.alerts import webhooks
+from metering.dev.receiver import Receiver
 from metering.dev.scenario import ATTACKS, NORMAL, Actor, actor, attack, traffic
 from metering.events import UsageEvent
 from metering.settings import Settings
@@ -35,54 +34,6 @@ from tests.integration.conftest import eventually
 
 HISTORY_H = 4
 WARMUP = '{"warmup_minutes": 180}'  # the rules' default is a day; hours of history suffice here
-
-
-class Receiver:
-    """A real HTTP endpoint that accepts webhooks only with a valid signature."""
-
-    def __init__(self) -> None:
-        self.secret = ""
-        self.received: list[dict[str, Any]] = []
-        self.rejected = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{self.port}/hooks"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {}
-            for line in lines[1:]:
-                if ":" in line:
-                    name, value = line.split(":", 1)
-                    headers[name.strip().lower()] = value.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            try:
-                payload = Webhook(self.secret).verify(body, headers)
-                self.received.append({"headers": headers, "payload": payload})
-                status = b"204 No Content"
-            except Exception:
-                self.rejected += 1
-                status = b"401 Unauthorized"
-            writer.write(
-                b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            )
-            await writer.drain()
-        finally:
-            writer.close()
-
-    def of_type(self, event_type: str) -> list[dict[str, Any]]:
-        return [r["payload"] for r in self.received if r["payload"]["type"] == event_type]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture
