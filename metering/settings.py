@@ -86,6 +86,10 @@ class Settings:
     webhook_max_attempts: int = 15  # deliveries retried with backoff (~4 h), then marked failed
     webhook_timeout_s: float = 10.0
 
+    # billing: a month's invoices finalize this many days after it ends
+    billing_grace_days: int = 3
+    billing_auto_finalize: bool = True  # workers finalize months past their grace period
+
     # local stack (`metering stack`, dev tooling only)
     stack_dir: str = ""  # pid files, logs, Kafka's jars and data; "" = <repository>/.stack
     kafka_heap: str = "-Xms256m -Xmx512m"
@@ -268,6 +272,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "webhook_max_attempts": _between(1, 100),
     "webhook_timeout_s": ((lambda v: 0 < v <= 300), "> 0 and <= 300"),
+    "billing_grace_days": _between(0, 60),
+    "billing_auto_finalize": ((lambda v: isinstance(v, bool)), "true or false"),
     "stack_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
     "kafka_heap": (
         (lambda v: all(p.startswith("-X") for p in v.split())),

@@ -1,7 +1,7 @@
 """The Faust application, built from settings: wiring only.
 
 ``create_app(settings)`` declares the topics, attaches the usage consumer,
-its housekeeping timers and the web views, and returns the app; nothing
+its housekeeping timers (and billing's), and the web views, and returns the app; nothing
 connects until a worker starts it. ``metering worker`` is the entry point
 (it passes its command-line options in as settings).
 """
@@ -12,6 +12,7 @@ import faust
 from prometheus_client import Histogram
 
 from metering.settings import Settings
+from streams.billing import add_billing
 from streams.topics import dead_letter_topic
 from streams.usage import add_usage_consumer
 from streams.web import add_web_views, worker_metrics
@@ -53,4 +54,5 @@ def create_app(settings: Settings) -> faust.App:
     metrics = worker_metrics(consumer)
     metrics.registry.register(batch_seconds)
     add_web_views(app, consumer, metrics)
+    add_billing(app, settings)
     return app

@@ -8,9 +8,10 @@ units from its ``from_units`` up to the next band's.
 The rule for a month (:func:`invoice_lines`), written down because finance
 will check it by hand:
 
-* the month is split into periods, one per tier the user was on (a tier
-  change takes effect on the UTC day it is made; the new tier counts from
-  that day);
+* the month is split into periods, one per tier (and price version) the
+  user was on: a change takes effect on the UTC day it is made and counts
+  from that day; a user who joined mid-month starts on the day they joined
+  (usage recorded before that day counts in their first period);
 * a period of ``d`` of the month's ``D`` days pays ``base * d / D`` and
   includes ``round(included * d / D)`` units;
 * the billable units of the period's days (requests the edge served, their
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 import calendar
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from itertools import pairwise
 
 from metering.errors import InputError
 
@@ -50,6 +52,7 @@ class Price:
     base_monthly: Decimal
     included_units: int
     bands: tuple[Band, ...] = ()
+    id: int | None = field(default=None, compare=False)  # the stored version, if any
 
     def __post_init__(self) -> None:
         if len(self.currency) != 3 or not self.currency.isalpha() or not self.currency.isupper():
@@ -95,16 +98,16 @@ def month_days(month: date) -> tuple[date, date]:
 
 def periods(month: date, tiers: Sequence[tuple[date, str, Price]]) -> list[Period]:
     """The month split by tier: ``tiers`` are (the day it took effect, name, price),
-    oldest first; the one in effect on the month's first day must be among them."""
+    oldest first. Empty when none took effect by the month's last day."""
     first, last = month_days(month)
+    if any(a[0] >= b[0] for a, b in pairwise(tiers)):
+        raise InputError("a tier history must be in order of its days, one entry per day")
     out: list[Period] = []
     for i, (since, name, price) in enumerate(tiers):
         until = tiers[i + 1][0] - timedelta(days=1) if i + 1 < len(tiers) else last
         start, end = max(since, first), min(until, last)
         if start <= end:
             out.append(Period(name, price, start, end))
-    if not out or out[0].first_day != first:
-        raise InputError(f"no tier in effect on {first}")
     return out
 
 
@@ -121,10 +124,10 @@ def overage(units: int, bands: Sequence[Band]) -> list[tuple[Band, int]]:
 
 def invoice_lines(month: date, parts: Sequence[Period], units: Mapping[date, int]) -> list[Line]:
     """The month's lines for one user: each period's base price and its overage."""
-    _, last = month_days(month)
+    first, last = month_days(month)
     days_in_month = Decimal(last.day)
     lines: list[Line] = []
-    for p in parts:
+    for i, p in enumerate(parts):
         share = Decimal(p.days) / days_in_month
         per_day = p.price.base_monthly / days_in_month
         lines.append(
@@ -140,7 +143,9 @@ def invoice_lines(month: date, parts: Sequence[Period], units: Mapping[date, int
             )
         )
         included = int((Decimal(p.price.included_units) * share).to_integral_value(ROUND_HALF_UP))
-        used = sum(n for day, n in units.items() if p.first_day <= day <= p.last_day)
+        used = sum(
+            n for day, n in units.items() if (p.first_day if i else first) <= day <= p.last_day
+        )
         for band, n in overage(max(0, used - included), p.price.bands):
             lines.append(
                 Line(

@@ -1,7 +1,7 @@
 """``metering`` command line: the one place that wires settings to services.
 
 One module per group of commands, each with its parser beside its handlers
-(:mod:`.ops`, :mod:`.usage`, :mod:`.accounts`, :mod:`.alerts`); :mod:`.common` holds what
+(:mod:`.ops`, :mod:`.usage`, :mod:`.accounts`, :mod:`.alerts`, :mod:`.billing`); :mod:`.common` holds what
 they share. Errors are one line on stderr: exit 2 for bad arguments, 1 for
 anything else (service unreachable, failed migration ...); ``--debug`` shows
 the traceback.
@@ -14,12 +14,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from metering.cli import accounts, alerts, ops, usage
+from metering.cli import accounts, alerts, billing, ops, usage
 from metering.cli.common import EXIT_USAGE, Parser
 from metering.errors import InputError, MeteringError
 from metering.settings import Settings
 
-_COMMANDS = {**ops.COMMANDS, **usage.COMMANDS, **accounts.COMMANDS, **alerts.COMMANDS}
+_COMMANDS = {
+    **ops.COMMANDS,
+    **usage.COMMANDS,
+    **accounts.COMMANDS,
+    **alerts.COMMANDS,
+    **billing.COMMANDS,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_parsers(sub)
     accounts.add_parsers(sub)
     alerts.add_parsers(sub)
+    billing.add_parsers(sub)
     return p
 
 

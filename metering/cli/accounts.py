@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from metering.accounts import AccountsService
+from metering.cli import billing
 from metering.cli.common import Parser, decimal, duration, positive_int, table, timestamp, when
 from metering.settings import Settings
 
@@ -44,6 +45,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     td.add_argument("name")
     td.add_argument("overrides", nargs="*", type=override, metavar="NAME=VALUE")
+    billing.add_price_parsers(tsub)
 
     users = sub.add_parser("users", help="users (key owners)")
     usub = users.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -153,6 +155,8 @@ def cmd_tiers(args: argparse.Namespace, settings: Settings) -> int:
             ),
         )
         print(f"created tier {tier.name}")
+    elif args.action in ("prices", "set-price"):
+        return billing.cmd_prices(args, settings)
     elif args.action == "set-detection":
         overrides = dict(args.overrides) or None
         run(settings, lambda s: s.set_tier_detection(args.name, overrides))

@@ -40,6 +40,7 @@ MIGRATIONS = [
     (9, "summaries"),
     (10, "served_not_refused"),
     (11, "anomalies"),
+    (12, "billing"),
 ]
 
 

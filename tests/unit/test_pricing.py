@@ -74,4 +74,21 @@ def test_bad_prices_and_histories_are_refused():
     with pytest.raises(InputError):
         Price("USD", Decimal(1), 0, (Band(0, Decimal(1)), Band(0, Decimal(2))))
     with pytest.raises(InputError):
-        periods(NOV, [(date(2026, 11, 2), "pro", PRO)])  # nothing on the 1st
+        periods(NOV, [(date(2026, 11, 2), "pro", PRO), (date(2026, 11, 2), "free", FREE)])
+
+
+def test_a_user_who_joins_mid_month_pays_from_that_day():
+    # joined on the 21st: 10 of 30 days; included round(100,000 / 3) = 33,333.
+    # The 2,000 units recorded on the 20th (a clock ahead of ours) count too,
+    # October's 99 do not: 2,000 + 32,333 = 34,333 used, 1,000 over at 0.50
+    # = 0.50; base 49 * 10 / 30 = 16.333.. -> 16.33; total 16.83.
+    parts = periods(NOV, [(date(2026, 11, 21), "pro", PRO)])
+    assert [(p.first_day, p.days) for p in parts] == [(date(2026, 11, 21), 10)]
+    units = {date(2026, 11, 20): 2000, date(2026, 11, 25): 32_333, date(2026, 10, 31): 99}
+    lines = invoice_lines(NOV, parts, units)
+    assert [(ln.kind, ln.quantity, ln.amount) for ln in lines] == [
+        ("base", Decimal(10), Decimal("16.33")),
+        ("overage", Decimal(1000), Decimal("0.50")),
+    ]
+    assert total(lines) == Decimal("16.83")
+    assert periods(NOV, [(date(2026, 12, 1), "pro", PRO)]) == []

@@ -70,6 +70,8 @@ BAD_AND_EDGE = {
     "detection_checkpoint_s": ("0", "0.1"),
     "detection_revoke": None,
     "forced_rotation_hours": ("0", "0.5"),
+    "billing_grace_days": ("61", "0"),
+    "billing_auto_finalize": None,
     "rotation_url": ("has space", "https://console.example/keys"),
     "webhook_max_attempts": ("0", "100"),
     "webhook_timeout_s": ("0", "300"),
