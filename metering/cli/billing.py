@@ -56,6 +56,10 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     ls.add_argument("--limit", type=positive_int, default=50)
     sh = isub.add_parser("show", help="one invoice: lines, adjustments, usage per day")
     sh.add_argument("ref", help="invoice id or number")
+    rd = isub.add_parser("render", help="an invoice as PDF and/or HTML")
+    rd.add_argument("ref", help="invoice id or number")
+    rd.add_argument("--pdf", metavar="PATH")
+    rd.add_argument("--html", metavar="PATH")
     fin = isub.add_parser("finalize", help="bill a month one last time and make it final")
     which = fin.add_mutually_exclusive_group(required=True)
     which.add_argument("--month", type=month)
@@ -139,6 +143,8 @@ def cmd_invoices(args: argparse.Namespace, settings: Settings) -> int:
         )  # fmt: skip
     elif args.action == "show":
         show(*billing(settings, lambda b: b.get(args.ref)))
+    elif args.action == "render":
+        render(args, settings)
     elif args.due:
         grace = timedelta(days=settings.billing_grace_days)
         runs = billing(settings, lambda b: b.finalize_due(grace=grace, by=operator()))
@@ -176,6 +182,23 @@ def show(inv: Any, lines: list[Any], days: list[Any]) -> None:
     print(
         f"{inv['requests']:,} requests served, {inv['units']:,} billable units on {len(days)} days"
     )
+
+
+def render(args: argparse.Namespace, settings: Settings) -> None:
+    from pathlib import Path
+
+    from metering.billing import render as r
+    from metering.errors import InputError
+
+    if not (args.pdf or args.html):
+        raise InputError("say where: --pdf PATH and/or --html PATH")
+    v = r.view(*billing(settings, lambda b: b.get(args.ref)))
+    if args.pdf:
+        Path(args.pdf).write_bytes(r.pdf(v))
+        print(f"wrote {args.pdf}")
+    if args.html:
+        Path(args.html).write_text(r.html(v), encoding="utf-8")
+        print(f"wrote {args.html}")
 
 
 def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:

@@ -338,3 +338,42 @@ async def test_the_tier_history_follows_every_change_and_the_last_of_a_day_wins(
     days = (last - today).days + 1
     expected = (Decimal(499) * days / last.day).quantize(Decimal("0.01"), rounding="ROUND_HALF_UP")
     assert run.totals == {"USD": expected}
+
+
+async def test_an_invoice_renders_to_pdf_and_html_with_the_figures_of_daily_usage(
+    database_url, db, tmp_path
+):
+    import pypdf
+
+    s = Settings.from_env(database_url=database_url)
+    user = await user_on(db, (date(2026, 1, 1), "pro"))
+    await db.execute("UPDATE users SET name = $2 WHERE id = $1", user, "Zoë <script>x</script> Ltd")
+    days = {OCT.replace(day=d): 100_000 + 1_234 * d for d in range(1, 32)}
+    await used(db, user, days, refused=77)
+    await Billing(db).bill(OCT)
+    await Billing(db).finalize(OCT, by="finance", today=date(2026, 11, 4))
+    number = await db.fetchval("SELECT number FROM invoices WHERE user_id = $1", user)
+    pdf, page = tmp_path / "invoice.pdf", tmp_path / "invoice.html"
+    out = run_cli(s, "invoices", "render", number, "--pdf", str(pdf), "--html", str(page))
+    assert out.returncode == 0, out.stderr
+
+    text = "\n".join(p.extract_text() for p in pypdf.PdfReader(pdf).pages)
+    stored = await db.fetch(
+        "SELECT date, request_count - rejected_count AS served, units FROM daily_usage "
+        "WHERE user_id = $1 ORDER BY date",
+        user,
+    )
+    assert len(stored) == 31
+    units = sum(r["units"] for r in stored)  # 3,100,000 + 1,234 * 496 = 3,712,064
+    # 2,712,064 over at 0.50 per 1,000 = 1,356.032 -> 1,356.03; base 49.00
+    for figure in (f"Invoice {number}", "Zoë", "1,356.03 USD", "Total 1,405.03 USD",
+                   f"{units:,} billable units"):  # fmt: skip
+        assert figure in text, figure
+    for r in stored:
+        assert f"{r['date']:%Y-%m-%d} {r['served']:,} {r['units']:,}" in text
+    html = page.read_text()
+    assert "<script>x" not in html and "&lt;script&gt;x" in html
+    assert "1,405.03 USD" in html and html.count("<tr><td>2026-10-") == 31
+    assert all(f"{r['units']:,}" in html for r in stored)
+    missing = run_cli(s, "invoices", "render", number)
+    assert missing.returncode == 2 and "--pdf" in missing.stderr

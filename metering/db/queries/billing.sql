@@ -170,7 +170,7 @@ LIMIT $4;
 
 -- name: invoice_by_ref
 -- One invoice by id ($1) or number ($2).
-SELECT i.id, i.number, i.user_id, u.email, i.month, i.currency, i.status, i.subtotal,
+SELECT i.id, i.number, i.user_id, u.email, u.name AS user_name, i.month, i.currency, i.status, i.subtotal,
        i.adjustments, i.total, i.units, i.requests, i.computed_at, i.finalized_at, i.finalized_by
 FROM invoices i
 JOIN users u ON u.id = i.user_id
