@@ -89,6 +89,9 @@ class Settings:
     # billing: a month's invoices finalize this many days after it ends
     billing_grace_days: int = 3
     billing_auto_finalize: bool = True  # workers finalize months past their grace period
+    # usage threshold notifications (80 %/100 % of the daily quota and of a spend limit)
+    usage_notices_enabled: bool = True
+    usage_notices_check_s: float = 10.0  # quotas this often; spend limits every 6 checks
 
     # local stack (`metering stack`, dev tooling only)
     stack_dir: str = ""  # pid files, logs, Kafka's jars and data; "" = <repository>/.stack
@@ -274,6 +277,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "webhook_timeout_s": ((lambda v: 0 < v <= 300), "> 0 and <= 300"),
     "billing_grace_days": _between(0, 60),
     "billing_auto_finalize": ((lambda v: isinstance(v, bool)), "true or false"),
+    "usage_notices_enabled": ((lambda v: isinstance(v, bool)), "true or false"),
+    "usage_notices_check_s": ((lambda v: 0.1 <= v <= 3600), ">= 0.1 and <= 3600"),
     "stack_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
     "kafka_heap": (
         (lambda v: all(p.startswith("-X") for p in v.split())),

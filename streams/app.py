@@ -8,11 +8,14 @@ connects until a worker starts it. ``metering worker`` is the entry point
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import faust
 from prometheus_client import Histogram
 
 from metering.settings import Settings
 from streams.billing import add_billing
+from streams.notify import Notifications
 from streams.topics import dead_letter_topic
 from streams.usage import add_usage_consumer
 from streams.web import add_web_views, worker_metrics
@@ -48,10 +51,16 @@ def create_app(settings: Settings) -> faust.App:
         buckets=BATCH_BUCKETS,
         registry=None,
     )
+    notifications = Notifications(settings)
+    app.service(cast(Any, notifications))
     consumer = add_usage_consumer(
-        app, settings, dead_letter_topic(app, settings), observe_batch_seconds=batch_seconds.observe
+        app,
+        settings,
+        dead_letter_topic(app, settings),
+        observe_batch_seconds=batch_seconds.observe,
+        sender=notifications.sender,
     )
-    metrics = worker_metrics(consumer)
+    metrics = worker_metrics(consumer, notifications)
     metrics.registry.register(batch_seconds)
     add_web_views(app, consumer, metrics)
     add_billing(app, settings)

@@ -14,7 +14,7 @@ commit. The rest runs beside the stream, never in its path:
 * a partition assigned is restored from the changelog before its first
   batch; one revoked is saved first;
 * every few seconds: the keys in rotation grace, and the tiers' overrides;
-* the webhook sender delivers the queued messages.
+* the worker's webhook sender (:mod:`streams.notify`) delivers the queued messages.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ RECORD_WAIT_S = 30.0  # a checkpoint waits this long for the findings before it,
 
 
 class Detection:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sender: WebhookSender) -> None:
         self.settings = settings
         self.rules = Rules().with_overrides(parse_overrides(settings.detection_rules))
         self.detector = Detector(self.rules)
@@ -73,9 +73,7 @@ class Detection:
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         self.alerts: AlertsService | None = None
-        self.sender = WebhookSender(
-            None, timeout_s=settings.webhook_timeout_s, max_attempts=settings.webhook_max_attempts
-        )
+        self.sender = sender  # the worker's (streams.notify): woken when an alert is queued
         self.recorded = 0
         self.record_failures = 0
         self.dropped = 0  # findings whose data PostgreSQL refused
@@ -96,11 +94,9 @@ class Detection:
             forced_rotation=timedelta(hours=s.forced_rotation_hours),
             rotation_url=s.rotation_url,
         )
-        self.sender.db = self._pool
         await self.changelog.start()
         for work in (self._record_loop(), self._checkpoint_loop(), self._watch_loop()):
             self._tasks.append(asyncio.create_task(work))
-        self._tasks.append(asyncio.create_task(self.sender.run()))
 
     async def stop(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -109,7 +105,6 @@ class Detection:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        await self.sender.close()
         await self.changelog.stop()
         if self._redis is not None:
             await self._redis.aclose()

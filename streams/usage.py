@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from metering.alerts.webhooks import WebhookSender
 from metering.events import TimePolicy
 from metering.settings import Settings
 from metering.usage.counters import UsageCounters
@@ -293,6 +294,7 @@ def add_usage_consumer(
     dlq: faust.types.TopicT,
     *,
     observe_batch_seconds: Callable[[float], None] | None = None,
+    sender: WebhookSender | None = None,
 ) -> UsageConsumer:
     """Build the usage pipeline for ``settings`` and attach its consumer and
     housekeeping to ``app``. Nothing connects until the worker starts."""
@@ -305,7 +307,10 @@ def add_usage_consumer(
             retention=timedelta(days=settings.retention_days),
         )
 
-    detection = Detection(settings) if settings.detection_enabled else None
+    detection = None
+    if settings.detection_enabled:
+        assert sender is not None, "detection queues webhooks: it needs the worker's sender"
+        detection = Detection(settings, sender)
     pipeline = UsagePipeline(
         database_url=settings.database_url,
         counters=UsageCounters(redis=redis_client, prefix=settings.redis_key_prefix),

@@ -9,10 +9,11 @@ from faust.web import Request, Response, View
 
 from metering.metrics import CONTENT_TYPE, MetricSet
 from streams.detection import Detection
+from streams.notify import Notifications
 from streams.usage import UsageConsumer
 
 
-def worker_metrics(consumer: UsageConsumer) -> MetricSet:
+def worker_metrics(consumer: UsageConsumer, notifications: Notifications) -> MetricSet:
     """The worker's metrics, mirrored from its pipeline's counters at each scrape."""
     s, dead_letters = consumer.pipeline.stats, consumer.dead_letters
     m = MetricSet()
@@ -80,7 +81,31 @@ def worker_metrics(consumer: UsageConsumer) -> MetricSet:
     )
     if consumer.detection is not None:
         detection_metrics(m, consumer.detection)
+    notification_metrics(m, notifications)
     return m
+
+
+def notification_metrics(m: MetricSet, n: Notifications) -> None:
+    sent = n.sender.stats
+    m.counter("metering_webhook_attempts_total", "Webhook attempts.", lambda: sent.attempts)
+    m.counter(
+        "metering_webhook_delivered_total", "Webhooks delivered (2xx).", lambda: sent.delivered
+    )
+    m.counter(
+        "metering_webhook_given_up_total",
+        "Webhooks that failed every attempt.",
+        lambda: sent.given_up,
+    )
+    m.counter(
+        "metering_usage_notices_total",
+        "Usage threshold notices queued (80 %/100 % of a daily quota or spend limit).",
+        lambda: n.notices_sent,
+    )
+    m.counter(
+        "metering_usage_notice_check_failures_total",
+        "Threshold checks that failed (run again at the next interval).",
+        lambda: n.check_failures,
+    )
 
 
 def detection_metrics(m: MetricSet, d: Detection) -> None:
@@ -122,16 +147,6 @@ def detection_metrics(m: MetricSet, d: Detection) -> None:
         "metering_detection_restore_seconds",
         "How long the last restore of the state took.",
         lambda: d.last_restore_s,
-    )
-    sent = d.sender.stats
-    m.counter("metering_webhook_attempts_total", "Webhook attempts.", lambda: sent.attempts)
-    m.counter(
-        "metering_webhook_delivered_total", "Webhooks delivered (2xx).", lambda: sent.delivered
-    )
-    m.counter(
-        "metering_webhook_given_up_total",
-        "Webhooks that failed every attempt.",
-        lambda: sent.given_up,
     )
 
 

@@ -45,7 +45,9 @@ Q_INSERT_DELIVERY = get("insert_delivery")
 
 EVENT_TYPES = (
     "alert.opened", "alert.escalated", "alert.acknowledged", "alert.resolved", "webhook.test",
+    "usage.threshold",
 )  # fmt: skip
+CUSTOMER_EVENT_TYPES = ("usage.threshold",)  # what a customer's own endpoint may receive
 BACKOFF_BASE_S = 5.0
 BACKOFF_CAP_S = 3600.0
 
@@ -74,9 +76,15 @@ def signed_headers(
 
 
 async def add_endpoint(
-    conn: asyncpg.Connection, url: str, *, event_types: list[str], description: str | None
+    conn: asyncpg.Connection,
+    url: str,
+    *,
+    event_types: list[str],
+    description: str | None,
+    user_id: Any = None,
 ) -> tuple[dict[str, Any], str]:
-    """A new endpoint and its secret (shown once)."""
+    """A new endpoint and its secret (shown once); ``user_id``: a customer's own
+    endpoint, which receives only their usage notifications."""
     try:
         parsed = httpx.URL(url)
     except Exception:
@@ -93,8 +101,18 @@ async def add_endpoint(
         raise InputError(
             f"unknown event type(s) {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}"
         )
+    if user_id is not None:
+        others = sorted(set(event_types) - set(CUSTOMER_EVENT_TYPES))
+        if others:
+            raise InputError(
+                f"a customer's endpoint takes only {', '.join(CUSTOMER_EVENT_TYPES)}, "
+                f"not {', '.join(others)}"
+            )
+        event_types = list(CUSTOMER_EVENT_TYPES)
     secret = new_secret()
-    row = await conn.fetchrow(Q_ADD_WEBHOOK, url, secret, sorted(set(event_types)), description)
+    row = await conn.fetchrow(
+        Q_ADD_WEBHOOK, url, secret, sorted(set(event_types)), description, user_id
+    )
     assert row is not None
     return dict(row), secret
 

@@ -98,7 +98,9 @@ def view(inv: Any, lines: Sequence[Any], days: Sequence[Any]) -> View:
         subtotal=money(inv["subtotal"], cur),
         adjustments=money(inv["adjustments"], cur),
         total=money(inv["total"], cur),
-        days=[ViewDay(f"{d['date']:%Y-%m-%d}", f"{d['requests']:,}", f"{d['units']:,}") for d in days],
+        days=[
+            ViewDay(f"{d['date']:%Y-%m-%d}", f"{d['requests']:,}", f"{d['units']:,}") for d in days
+        ],
         usage_summary=f"{requests:,} requests served, {units:,} billable units",
     )
 
@@ -142,7 +144,13 @@ def pdf(v: View) -> bytes:
     doc.cell(0, 6, v.period, new_x="LMARGIN", new_y="NEXT")
     if v.draft:
         doc.set_text_color(180, 35, 24)
-        doc.cell(0, 6, f"Draft: amounts can change until {v.month_label} is final.", new_x="LMARGIN", new_y="NEXT")
+        doc.cell(
+            0,
+            6,
+            f"Draft: amounts can change until {v.month_label} is final.",
+            new_x="LMARGIN",
+            new_y="NEXT",
+        )
         doc.set_text_color(0, 0, 0)
     else:
         doc.cell(0, 6, f"Final since {v.finalized}.", new_x="LMARGIN", new_y="NEXT")
@@ -169,7 +177,9 @@ def pdf(v: View) -> bytes:
     )
     doc.ln(2)
     if v.days:
-        with doc.table(col_widths=(40, 40, 40), text_align=("LEFT", "RIGHT", "RIGHT"), line_height=5) as t:
+        with doc.table(
+            col_widths=(40, 40, 40), text_align=("LEFT", "RIGHT", "RIGHT"), line_height=5
+        ) as t:
             t.row(("Day (UTC)", "Requests served", "Billable units"))
             for d in v.days:
                 t.row((d.date, d.requests, d.units))

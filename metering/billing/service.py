@@ -119,11 +119,25 @@ class Billing:
             runs.append(await self.finalize(month, by=by, today=now.date()))
         return runs
 
+    async def preview(self, month: date, users: Sequence[uuid.UUID]) -> list[Draft]:
+        """The month's invoices of ``users`` as they stand, without storing them
+        (what a spend notification compares with its limit)."""
+        first, _ = month_days(month)
+        async with self._conn() as conn:
+            return await self._drafts(conn, first, list(users))
+
     async def _compute(
         self, conn: asyncpg.Connection, first: date, users: list[uuid.UUID] | None
     ) -> BillRun:
-        _, last = month_days(first)
         run = BillRun(first)
+        drafts = await self._drafts(conn, first, users)
+        await self._store(conn, first, drafts, run, prune=users is None)
+        return run
+
+    async def _drafts(
+        self, conn: asyncpg.Connection, first: date, users: list[uuid.UUID] | None
+    ) -> list[Draft]:
+        _, last = month_days(first)
         book = price_book(await conn.fetch(q("billing_prices")))
         by_id = {p.id: p for versions in book.values() for _, p in versions if p.id is not None}
         billed = await conn.fetch(q("billing_users"), first, last, users)
@@ -153,8 +167,7 @@ class Billing:
             )
             if d is not None:
                 drafts.append(d)
-        await self._store(conn, first, drafts, run, prune=users is None)
-        return run
+        return drafts
 
     async def _adjustments(
         self,

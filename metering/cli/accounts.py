@@ -54,6 +54,12 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     uc.add_argument("--tier", default="free")
     uc.add_argument("--name")
     usub.add_parser("list", help="list users")
+    sl = usub.add_parser(
+        "set-spend-limit",
+        help="notify the user at 80 %% and 100 %% of this monthly amount (none: no spend notices)",
+    )
+    sl.add_argument("user", help="user id or email")
+    sl.add_argument("amount", help="in the currency of their price, e.g. 500.00; or none")
     ut = usub.add_parser("set-tier", help="move a user to another tier")
     ut.add_argument("user", help="user id or email")
     ut.add_argument("tier")
@@ -183,6 +189,8 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(f"created user {user.id} {user.email} ({user.tier})")
         return 0
+    if args.action == "set-spend-limit":
+        return billing.cmd_spend_limit(args, settings)
     if args.action == "set-tier":
         user = run(settings, lambda s: s.set_tier(args.user, args.tier))
         print(f"user {user.email} is now on tier {user.tier}")

@@ -57,6 +57,9 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         help="an event type to send (repeatable; default all)",
     )
     add.add_argument("--description")
+    add.add_argument(
+        "--user", help="a customer's own endpoint (id or email): only their usage.threshold events"
+    )
     wsub.add_parser("list", help="endpoints and their deliveries")
     test = wsub.add_parser("test", help="send a signed webhook.test now and show the answer")
     test.add_argument("id", type=positive_int)
@@ -150,13 +153,18 @@ def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
     from metering.alerts import webhooks
 
     if args.action == "add":
-        endpoint, secret = with_db(
-            settings,
-            lambda c: webhooks.add_endpoint(
-                c, args.url, event_types=args.event, description=args.description
-            ),
-        )
-        print(f"webhook {endpoint['id']} -> {endpoint['url']}")
+
+        async def add(c: Any) -> tuple[dict[str, Any], str]:
+            from metering.accounts import store
+
+            owner = None if args.user is None else (await store.get_user(c, args.user)).id
+            return await webhooks.add_endpoint(
+                c, args.url, event_types=args.event, description=args.description, user_id=owner
+            )
+
+        endpoint, secret = with_db(settings, add)
+        whose = f" (customer {endpoint['user_id']})" if endpoint["user_id"] else ""
+        print(f"webhook {endpoint['id']} -> {endpoint['url']}{whose}")
         print("Its signing secret (verify with any Standard Webhooks library); shown once:")
         print(secret)
         return 0
@@ -164,11 +172,22 @@ def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
         rows = with_db(settings, webhooks.list_endpoints)
         table(
             "Webhooks",
-            ["id", "url", "events", "active", "delivered", "pending", "failed", "created"],
+            [
+                "id",
+                "url",
+                "customer",
+                "events",
+                "active",
+                "delivered",
+                "pending",
+                "failed",
+                "created",
+            ],
             [
                 (
                     r["id"],
                     r["url"],
+                    r["user_id"] or "operators",
                     ",".join(r["event_types"]) or "all",
                     r["active"],
                     r["delivered"],

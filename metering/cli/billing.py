@@ -68,6 +68,13 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         action="store_true",
         help="every month past its grace period (what the worker does)",
     )
+    add_notice_parsers(sub)
+
+
+def add_notice_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
+    no = sub.add_parser("notices", help="usage threshold notifications sent to customers")
+    no.add_argument("--user", type=user_id)
+    no.add_argument("--limit", type=positive_int, default=50)
 
 
 def add_price_parsers(tsub: argparse._SubParsersAction[Parser]) -> None:
@@ -226,4 +233,45 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"bill": cmd_bill, "invoices": cmd_invoices}
+def cmd_notices(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.billing.notices import Notices
+
+    rows = with_db(settings, lambda c: Notices(c).recent(args.user, args.limit))
+    table(
+        "usage notices",
+        ["at", "user", "kind", "period", "threshold", "used", "limit"],
+        [
+            (when(r["created_at"]), r["email"], r["kind"], r["period"], f"{r['threshold']} %",
+             r["used"], f"{r['limit_value']} {r['currency'] or 'requests'}")
+            for r in rows
+        ],
+    )  # fmt: skip
+    return 0
+
+
+def cmd_spend_limit(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.accounts import store
+    from metering.billing.notices import Notices
+    from metering.errors import InputError
+
+    if args.amount.lower() == "none":
+        amount = None
+    else:
+        try:
+            amount = decimal(args.amount)
+        except argparse.ArgumentTypeError as exc:
+            raise InputError(str(exc)) from None
+        if amount == 0:
+            raise InputError("a spend limit must be > 0 (none removes it)")
+
+    async def work(conn: Any) -> Any:
+        user = await store.get_user(conn, args.user)
+        await Notices(conn).set_spend_limit(user.id, amount)
+        return user
+
+    user = with_db(settings, work)
+    print(f"user {user.email}: monthly spend limit {amount if amount is not None else 'none'}")
+    return 0
+
+
+COMMANDS = {"bill": cmd_bill, "invoices": cmd_invoices, "notices": cmd_notices}

@@ -41,6 +41,7 @@ MIGRATIONS = [
     (10, "served_not_refused"),
     (11, "anomalies"),
     (12, "billing"),
+    (13, "usage_notices"),
 ]
 
 

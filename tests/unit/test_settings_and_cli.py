@@ -72,6 +72,8 @@ BAD_AND_EDGE = {
     "forced_rotation_hours": ("0", "0.5"),
     "billing_grace_days": ("61", "0"),
     "billing_auto_finalize": None,
+    "usage_notices_enabled": None,
+    "usage_notices_check_s": ("0.05", "0.1"),
     "rotation_url": ("has space", "https://console.example/keys"),
     "webhook_max_attempts": ("0", "100"),
     "webhook_timeout_s": ("0", "300"),

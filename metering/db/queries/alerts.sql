@@ -88,12 +88,13 @@ FROM users u JOIN access_tiers t ON t.id = u.tier_id
 WHERE t.features ? 'detection';
 
 -- name: add_webhook
-INSERT INTO webhook_endpoints (url, secret, event_types, description)
-VALUES ($1, $2, $3, $4)
-RETURNING id, url, event_types, description, active, created_at;
+-- $5: the customer it belongs to, or NULL for an operators' endpoint.
+INSERT INTO webhook_endpoints (url, secret, event_types, description, user_id)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id, url, event_types, description, active, created_at, user_id;
 
 -- name: list_webhooks
-SELECT e.id, e.url, e.event_types, e.description, e.active, e.created_at,
+SELECT e.id, e.url, e.event_types, e.description, e.active, e.created_at, e.user_id,
        count(d.id) FILTER (WHERE d.status = 'delivered') AS delivered,
        count(d.id) FILTER (WHERE d.status = 'pending') AS pending,
        count(d.id) FILTER (WHERE d.status = 'failed') AS failed
@@ -105,12 +106,13 @@ SELECT id, url, secret, event_types, description, active, created_at
 FROM webhook_endpoints WHERE id = $1;
 
 -- name: enqueue_webhooks
--- One delivery per active endpoint that takes the event type ($2); the id is
--- the message's ($1 plus the endpoint), so enqueueing twice sends once.
+-- One delivery per active operators' endpoint (not a customer's) that takes
+-- the event type ($2); the id is the message's ($1 plus the endpoint), so
+-- enqueueing twice sends once.
 INSERT INTO webhook_deliveries (id, endpoint_id, event_type, body)
 SELECT $1 || '_' || e.id, e.id, $2, $3
 FROM webhook_endpoints e
-WHERE e.active AND (e.event_types = '{}' OR $2 = ANY (e.event_types))
+WHERE e.active AND e.user_id IS NULL AND (e.event_types = '{}' OR $2 = ANY (e.event_types))
 ON CONFLICT (id) DO NOTHING;
 
 -- name: claim_deliveries
