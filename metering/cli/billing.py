@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 from metering.cli.alerts import operator
 from metering.cli.common import (
     Parser,
+    day,
     decimal,
+    month,
     non_negative_int,
     positive_int,
     table,
@@ -21,23 +23,6 @@ from metering.cli.common import (
 from metering.settings import Settings
 
 T = TypeVar("T")
-
-
-def month(text: str) -> date:
-    from metering.billing.drafts import month_of
-    from metering.errors import InputError
-
-    try:
-        return month_of(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def day(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2027-01-01") from None
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, NoReturn
 
@@ -87,6 +87,23 @@ def user_id(text: str) -> uuid.UUID:
         return uuid.UUID(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a user id (UUID)") from None
+
+
+def month(text: str) -> date:
+    from metering.billing.drafts import month_of
+    from metering.errors import InputError
+
+    try:
+        return month_of(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2027-01-01") from None
 
 
 def with_db(settings: Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from metering.cli.common import (
     Parser,
+    month,
     non_negative_int,
     positive_float,
     positive_int,
     ratio,
+    table,
     user_id,
+    with_db,
     with_db_and_redis,
 )
 from metering.errors import InputError
@@ -50,6 +54,13 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     usage = sub.add_parser("usage", help="daily usage from PostgreSQL, with the Redis counters")
     usage.add_argument("--user", type=user_id, help="only this user id")
     usage.add_argument("--days", type=positive_int, default=7, help="days back, UTC (default 7)")
+    usub = usage.add_subparsers(dest="action", required=False, parser_class=Parser)
+    rb = usub.add_parser(
+        "rebuild",
+        help="recompute a month's daily tables from its raw events; show the differences",
+    )
+    rb.add_argument("--month", type=month, required=True, help="YYYY-MM")
+    rb.add_argument("--apply", action="store_true", help="write the recomputed rows")
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
@@ -145,7 +156,70 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.usage.rebuild import Rebuild
+
+    r = with_db(settings, lambda conn: Rebuild(conn).run(args.month, apply=args.apply))
+    print(
+        f"{r.month:%Y-%m}: {r.raw_rows:,} raw events -> {r.daily_rows:,} user-days; "
+        f"{len(r.daily_diffs)} user-days differ, {r.endpoint_diffs} key/endpoint rows differ "
+        f"({r.histogram_diffs} latency histograms)"
+    )
+    if r.daily_diffs:
+        table(
+            "daily_usage: stored -> rebuilt",
+            ["user", "date", "requests", "refused", "units", "errors"],
+            [
+                (d["user_id"], d["date"],
+                 _change(d["stored_requests"], d["rebuilt_requests"]),
+                 _change(d["stored_refused"], d["rebuilt_refused"]),
+                 _change(d["stored_units"], d["rebuilt_units"]),
+                 _change(d["stored_errors"], d["rebuilt_errors"]))
+                for d in r.daily_diffs[:200]
+            ],
+        )  # fmt: skip
+    if r.billed:
+        table(
+            "billing: units of the month",
+            ["user", "invoice", "status", "billed", "stored", "rebuilt", "effect"],
+            [
+                (b["user_id"], b["number"] or "-", b["status"] or "not billed",
+                 _n(b["billed_units"]), f"{b['stored_units']:,}", f"{b['rebuilt_units']:,}",
+                 _effect(b))
+                for b in r.billed
+            ],
+        )  # fmt: skip
+    if r.clean:
+        print("nothing to change")
+    elif r.applied:
+        print("applied: the month's daily_usage and daily_endpoint_usage are the rebuilt rows")
+        if datetime.now(UTC).date().replace(day=1) == r.month:
+            print("this month's quota counters follow: run `metering counters rebuild`")
+    else:
+        print("nothing written; run again with --apply to write the rebuilt rows")
+    return 0
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _change(old: int | None, new: int | None) -> str:
+    return f"{_n(old)} -> {_n(new)}" if old != new else _n(old)
+
+
+def _effect(b: Any) -> str:
+    if b["status"] == "final":
+        delta = b["rebuilt_units"] - b["billed_units"]
+        return f"{delta:+,} units as an adjustment on the next invoice" if delta else "none"
+    if b["status"] == "draft":
+        return "the draft follows at the next `metering bill`"
+    return "-"
+
+
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "rebuild":
+        return cmd_rebuild(args, settings)
     from rich.console import Console
     from rich.table import Table
 

@@ -42,6 +42,7 @@ MIGRATIONS = [
     (11, "anomalies"),
     (12, "billing"),
     (13, "usage_notices"),
+    (14, "analytics"),
 ]
 
 

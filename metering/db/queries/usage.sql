@@ -23,8 +23,8 @@ WITH inserted AS (
            rejected, request_count
     FROM usage_stage
     ON CONFLICT DO NOTHING
-    RETURNING user_id, created_at, status_code, response_time_ms, bytes_out, units, rejected,
-              request_count
+    RETURNING user_id, created_at, api_key_id, endpoint, status_code, response_time_ms,
+              bytes_out, units, rejected, request_count
 ), per_day AS (
     SELECT user_id,
            (created_at AT TIME ZONE 'UTC')::date AS date,
@@ -42,6 +42,71 @@ WITH inserted AS (
     WHERE user_id IS NOT NULL
     GROUP BY 1, 2
     ORDER BY 1, 2
+), per_bucket AS (
+    -- per key, endpoint and day, and latency bucket (NULL for refused requests)
+    SELECT user_id,
+           (created_at AT TIME ZONE 'UTC')::date AS date,
+           api_key_id,
+           endpoint,
+           CASE WHEN rejected IS NULL THEN latency_bucket(response_time_ms) END AS bucket,
+           sum(request_count) AS requests,
+           coalesce(sum(request_count) FILTER (WHERE rejected IS NOT NULL), 0) AS refused,
+           coalesce(sum(units) FILTER (WHERE rejected IS NULL), 0) AS units,
+           coalesce(sum(request_count) FILTER (WHERE status_code BETWEEN 400 AND 499), 0)
+               AS client_errors,
+           coalesce(sum(request_count) FILTER (WHERE status_code >= 500), 0) AS server_errors,
+           coalesce(sum(response_time_ms) FILTER (WHERE rejected IS NULL), 0) AS latency_ms,
+           count(*) FILTER (WHERE rejected IS NULL) AS served
+    FROM inserted
+    WHERE user_id IS NOT NULL
+    GROUP BY 1, 2, 3, 4, 5
+), per_endpoint AS (
+    SELECT user_id, date, api_key_id, endpoint,
+           sum(requests) AS requests, sum(refused) AS refused, sum(units) AS units,
+           sum(client_errors) AS client_errors, sum(server_errors) AS server_errors,
+           sum(latency_ms) AS latency_ms,
+           coalesce(array_agg(bucket ORDER BY bucket) FILTER (WHERE bucket IS NOT NULL), '{}')
+               AS buckets,
+           coalesce(array_agg(served ORDER BY bucket) FILTER (WHERE bucket IS NOT NULL), '{}')
+               AS counts
+    FROM per_bucket
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 3, 4
+), detail AS (
+    INSERT INTO daily_endpoint_usage AS e (user_id, date, api_key_id, endpoint, requests, refused,
+                                           units, client_errors, server_errors, latency_sum_ms,
+                                           latency_buckets, latency_counts, latency_merged)
+    SELECT user_id, date, api_key_id, endpoint, requests, refused, units, client_errors,
+           server_errors, latency_ms, buckets, counts, cardinality(buckets)
+    FROM per_endpoint
+    ON CONFLICT (user_id, date, api_key_id, endpoint) DO UPDATE SET
+        requests       = e.requests + EXCLUDED.requests,
+        refused        = e.refused + EXCLUDED.refused,
+        units          = e.units + EXCLUDED.units,
+        client_errors  = e.client_errors + EXCLUDED.client_errors,
+        server_errors  = e.server_errors + EXCLUDED.server_errors,
+        latency_sum_ms = e.latency_sum_ms + EXCLUDED.latency_sum_ms,
+        -- appended; merged into distinct buckets when twice as long as at the last merge
+        latency_buckets = CASE
+            WHEN cardinality(e.latency_buckets) + cardinality(EXCLUDED.latency_buckets)
+                 > greatest(64, 2 * e.latency_merged)
+            THEN (latency_hist_merge(e.latency_buckets, e.latency_counts,
+                                     EXCLUDED.latency_buckets, EXCLUDED.latency_counts)).buckets
+            ELSE e.latency_buckets || EXCLUDED.latency_buckets END,
+        latency_counts = CASE
+            WHEN cardinality(e.latency_buckets) + cardinality(EXCLUDED.latency_buckets)
+                 > greatest(64, 2 * e.latency_merged)
+            THEN (latency_hist_merge(e.latency_buckets, e.latency_counts,
+                                     EXCLUDED.latency_buckets, EXCLUDED.latency_counts)).counts
+            ELSE e.latency_counts || EXCLUDED.latency_counts END,
+        latency_merged = CASE
+            WHEN cardinality(e.latency_buckets) + cardinality(EXCLUDED.latency_buckets)
+                 > greatest(64, 2 * e.latency_merged)
+            THEN cardinality((latency_hist_merge(e.latency_buckets, e.latency_counts,
+                                                 EXCLUDED.latency_buckets,
+                                                 EXCLUDED.latency_counts)).buckets)
+            ELSE e.latency_merged END,
+        updated_at     = now()
 ), upserted AS (
     INSERT INTO daily_usage AS d (user_id, date, request_count, units, client_error_count,
                                   server_error_count, throttled_count, rejected_count,
