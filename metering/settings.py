@@ -101,6 +101,9 @@ class Settings:
     # event policy
     max_future_skew_s: int = 300
     retention_days: int = 90
+    # expired raw-log months are first written here (gzip CSV + manifest) by
+    # `metering db maintain`; "" = no archive (workers then drop them themselves)
+    archive_dir: str = ""
     partitions_ahead_months: int = 2
 
     @property
@@ -280,6 +283,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "usage_notices_enabled": ((lambda v: isinstance(v, bool)), "true or false"),
     "usage_notices_check_s": ((lambda v: 0.1 <= v <= 3600), ">= 0.1 and <= 3600"),
     "stack_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
+    "archive_dir": ((lambda v: isinstance(v, str) and "\0" not in v), "a directory path"),
     "kafka_heap": (
         (lambda v: all(p.startswith("-X") for p in v.split())),
         "JVM heap options such as -Xms256m -Xmx512m",

@@ -319,6 +319,7 @@ def add_usage_consumer(
         writers=settings.writers,
         command_timeout_s=settings.db_command_timeout_s,
         retention_days=settings.retention_days,
+        drop_expired=not settings.archive_dir,
         partitions_ahead_months=settings.partitions_ahead_months,
         observe_batch_seconds=observe_batch_seconds,
         observe_events=detection.observe if detection is not None else None,

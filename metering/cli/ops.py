@@ -19,7 +19,8 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     db.add_argument(
         "action",
         choices=["migrate", "maintain"],
-        help="migrate: apply sql/ migrations; maintain: partitions ahead, drop expired",
+        help="migrate: apply sql/ migrations; maintain: partitions ahead, archive "
+        "(METERING_ARCHIVE_DIR) and drop expired",
     )
 
     topics = sub.add_parser("topics", help="Kafka topics")
@@ -56,7 +57,8 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.db.migrate import maintain_partitions, migrate
+    from metering.db.lifecycle import maintain
+    from metering.db.migrate import migrate
 
     async def go(conn: Any) -> None:
         if args.action == "migrate":
@@ -67,13 +69,20 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 print("database is up to date")
         else:
-            ensured, dropped = await maintain_partitions(
+            done = await maintain(
                 conn,
                 months_ahead=settings.partitions_ahead_months,
                 retention_days=settings.retention_days,
+                archive_dir=settings.archive_dir or None,
             )
-            print(f"partitions present: {', '.join(ensured)}")
-            print(f"partitions dropped: {', '.join(dropped) or 'none'}")
+            print(f"partitions present: {', '.join(done.created)}")
+            for a in done.archived:
+                print(
+                    f"archived {a.partition}: {a.rows:,} rows -> {a.path} (sha256 {a.sha256[:16]}...)"
+                )
+            print(f"partitions dropped: {', '.join(done.dropped) or 'none'}")
+            if done.default_partition:
+                print(f"warning: usage_logs has a DEFAULT partition {done.default_partition}")
 
     with_db(settings, go)
     return 0

@@ -107,7 +107,8 @@ async def archive(conn: asyncpg.Connection, partition: str, folder: Path) -> Arc
     """Write ``partition`` to ``folder`` (inside the caller's transaction) and check it."""
     if not _NAME.match(partition):
         raise ValueError(f"not a usage_logs partition: {partition!r}")
-    folder.mkdir(parents=True, exist_ok=True)
+    # blocking file I/O: archives are written by `metering db maintain`, never in a worker
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
     await conn.execute(f'LOCK TABLE "{partition}" IN SHARE MODE')  # writers wait; readers do not
     expected = await conn.fetchval(f'SELECT count(*) FROM "{partition}"')
     final = folder / f"{partition}.csv.gz"

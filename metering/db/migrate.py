@@ -96,15 +96,3 @@ async def migrate(conn: asyncpg.Connection, directory: Traversable = SQL_DIR) ->
         return done
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
-
-
-async def maintain_partitions(
-    conn: asyncpg.Connection, *, months_ahead: int, retention_days: int
-) -> tuple[list[str], list[str]]:
-    """Create month partitions ahead and drop those beyond retention."""
-    ensured = await conn.fetch("SELECT ensure_usage_logs_partitions(1, $1) AS name", months_ahead)
-    dropped = await conn.fetch(
-        "SELECT drop_expired_usage_logs_partitions(make_interval(days => $1)) AS name",
-        retention_days,
-    )
-    return [r["name"] for r in ensured], [r["name"] for r in dropped]

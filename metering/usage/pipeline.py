@@ -46,7 +46,7 @@ from typing import TypeVar
 import asyncpg
 
 from metering.db.connect import describe, is_connection_error, is_row_fault, refusal_cause
-from metering.db.migrate import maintain_partitions
+from metering.db.lifecycle import maintain
 from metering.errors import InvalidEventError, ServiceUnavailable
 from metering.events import TimePolicy, UsageEvent, decode
 from metering.usage.counters import DailyTotal, UsageCounters
@@ -106,6 +106,7 @@ class UsagePipeline:
         policy: Callable[[], TimePolicy] = TimePolicy,
         writers: int = 1,
         retention_days: int = 90,
+        drop_expired: bool = True,  # False when `metering db maintain` archives them first
         partitions_ahead_months: int = 2,
         max_backoff_s: float = 30.0,
         command_timeout_s: float = 30.0,
@@ -118,6 +119,7 @@ class UsagePipeline:
         self._dead_letters = dead_letters
         self._policy = policy
         self._retention_days = retention_days
+        self._drop_expired = drop_expired
         self._ahead = partitions_ahead_months
         self._max_backoff = max_backoff_s
         self._slots = [
@@ -368,9 +370,16 @@ class UsagePipeline:
         try:
             await slot.writer()
             assert slot.conn is not None
-            _, dropped = await maintain_partitions(
-                slot.conn, months_ahead=self._ahead, retention_days=self._retention_days
+            done = await maintain(
+                slot.conn,
+                months_ahead=self._ahead,
+                retention_days=self._retention_days,
+                drop=self._drop_expired,
             )
+            dropped = done.dropped
+            if done.default_partition:
+                log.error("usage_logs has a DEFAULT partition (%s): rows belong in their month",
+                          done.default_partition)  # fmt: skip
             if dropped:
                 for other in self._slots:
                     other.forget_partitions()

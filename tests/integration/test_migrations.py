@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from metering.db.migrate import SQL_DIR, maintain_partitions, migrate
+from metering.db.lifecycle import maintain
+from metering.db.migrate import SQL_DIR, migrate
 from metering.db.partitions import month_partition
 from metering.errors import MigrationError
 from tests.integration.conftest import BASE, db_url, drop_database
@@ -207,7 +208,8 @@ async def test_retention_drops_exactly_the_expired_months(db):
     await insert_row(db, future.start)
     before = await partitions(db)
 
-    ensured, dropped = await maintain_partitions(db, months_ahead=2, retention_days=90)
+    done = await maintain(db, months_ahead=2, retention_days=90)
+    ensured, dropped = done.created, done.dropped
     # independently: a month goes when all of it is older than 90 days
     cutoff = datetime.now(UTC) - timedelta(days=90)
     expired = {m.name for m in months if m.end <= cutoff}

@@ -78,6 +78,7 @@ BAD_AND_EDGE = {
     "webhook_max_attempts": ("0", "100"),
     "webhook_timeout_s": ("0", "300"),
     "stack_dir": ("a\0b", "/tmp/stack"),
+    "archive_dir": ("a\0b", "/var/lib/metering/archive"),
     "kafka_heap": ("512m", "-Xmx1g"),
     "kafka_controller_port": ("70000", "0"),
     "max_future_skew_s": ("-1", "0"),
