@@ -62,6 +62,20 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     rb.add_argument("--month", type=month, required=True, help="YYYY-MM")
     rb.add_argument("--apply", action="store_true", help="write the recomputed rows")
 
+    rp = sub.add_parser(
+        "report", help="a customer's monthly statement (chart, CSV), or the top consumers"
+    )
+    who = rp.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="user id or email")
+    who.add_argument(
+        "--top", type=positive_int, metavar="N", help="the month's N largest consumers"
+    )
+    rp.add_argument("--month", type=month, help="YYYY-MM (default: this month)")
+    rp.add_argument(
+        "--png", metavar="PATH", help="chart: daily requests, errors, latency percentiles"
+    )
+    rp.add_argument("--csv", metavar="PATH", help="the statement's days as CSV")
+
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
@@ -217,6 +231,53 @@ def _effect(b: Any) -> str:
     return "-"
 
 
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.usage import statement as st
+
+    when_ = args.month or datetime.now(UTC).date().replace(day=1)
+    if args.top:
+        if args.png or args.csv:
+            raise InputError("--png and --csv go with --user")
+        rows = with_db(settings, lambda c: st.top(c, when_, args.top))
+        table(
+            f"top {args.top} consumers, {when_:%Y-%m}",
+            ["#", "user", "tier", "units", "served", "refused", "invoice", "total"],
+            [
+                (r["rank"], r["email"], r["tier"], f"{r['units']:,}", f"{r['served']:,}",
+                 f"{r['refused']:,}", r["number"] or r["status"] or "not billed",
+                 f"{r['total']} {r['currency']}" if r["total"] is not None else "-")
+                for r in rows
+            ],
+        )  # fmt: skip
+        return 0
+    s = with_db(settings, lambda c: st.statement(c, args.user, when_))
+    print(f"Statement: {s.email} ({s.tier}), {s.month:%B %Y} (UTC days)")
+    print(f"  {s.served:,} requests served, {s.refused:,} refused (never billed), "
+          f"{s.errors:,} errors, {s.units:,} billable units on {len(s.days)} day(s)")  # fmt: skip
+    if s.invoice is not None:
+        inv = s.invoice
+        print(f"  invoice {inv['number'] or 'draft #' + str(inv['id'])} ({inv['status']}): "
+              f"{inv['total']} {inv['currency']} for {inv['units']:,} units")  # fmt: skip
+    else:
+        print("  not billed yet (metering bill --month)")
+    table(
+        "days",
+        ["date", "served", "refused", "units", "4xx", "5xx", "p50 ms", "p95 ms", "p99 ms"],
+        [
+            (d.date, f"{d.served:,}", f"{d.refused:,}", f"{d.units:,}", d.client_errors,
+             d.server_errors, *(st._ms(v) or "-" for v in (d.p50_ms, d.p95_ms, d.p99_ms)))
+            for d in s.days
+        ],
+    )  # fmt: skip
+    if args.png:
+        st.write_png(s, args.png)
+        print(f"wrote {args.png}")
+    if args.csv:
+        st.write_csv(s, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "rebuild":
         return cmd_rebuild(args, settings)
@@ -272,4 +333,4 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "usage": cmd_usage}
+COMMANDS = {"simulate": cmd_simulate, "usage": cmd_usage, "report": cmd_report}

@@ -51,8 +51,8 @@ SELECT gen_random_uuid(),
        1
 FROM unnest($1::uuid[], $2::uuid[]) AS k (user_id, key_id)
 CROSS JOIN generate_series(1, $6) AS g
-CROSS JOIN LATERAL (SELECT floor(random() * 5)::int AS n, g AS salt) AS e
-CROSS JOIN LATERAL (SELECT random() AS x, g AS salt) AS r
+CROSS JOIN LATERAL (SELECT floor(random() * 5)::int AS n, g AS salt, k.key_id AS per_key) AS e
+CROSS JOIN LATERAL (SELECT random() AS x, g AS salt, k.key_id AS per_key) AS r
 """
 
 

@@ -168,3 +168,36 @@ LEFT JOIN users u ON u.id = d.user_id
 LEFT JOIN access_tiers t ON t.id = u.tier_id
 WHERE d.date >= $1 AND ($2::uuid IS NULL OR d.user_id = $2)
 ORDER BY d.date DESC, d.request_count DESC;
+
+-- name: statement_days
+-- A customer's days from $2 to $3 (exclusive): usage, and the day's latency
+-- percentiles merged over their keys and endpoints.
+SELECT d.date, d.request_count - d.rejected_count AS served, d.rejected_count AS refused,
+       d.units, d.client_error_count AS client_errors, d.server_error_count AS server_errors,
+       h.p50, h.p95, h.p99
+FROM daily_usage d
+LEFT JOIN LATERAL (
+    SELECT latency_quantile(hist_concat(e.latency_buckets), hist_concat(e.latency_counts), 0.50) AS p50,
+           latency_quantile(hist_concat(e.latency_buckets), hist_concat(e.latency_counts), 0.95) AS p95,
+           latency_quantile(hist_concat(e.latency_buckets), hist_concat(e.latency_counts), 0.99) AS p99
+    FROM daily_endpoint_usage e
+    WHERE e.user_id = d.user_id AND e.date = d.date
+) AS h ON true
+WHERE d.user_id = $1 AND d.date >= $2 AND d.date < $3
+ORDER BY d.date;
+
+-- name: statement_invoice
+SELECT id, number, status, currency, subtotal, adjustments, total, units
+FROM invoices WHERE user_id = $1 AND month = $2;
+
+-- name: report_top
+-- The month's ($1) first $2 consumers by billable units, with their invoice if any.
+SELECT c.rank, c.user_id, c.email, c.tier, c.units, c.served,
+       (SELECT sum(d.rejected_count) FROM daily_usage d
+        WHERE d.user_id = c.user_id AND d.date >= $1
+          AND d.date < ($1 + interval '1 month')::date) AS refused,
+       i.number, i.status, i.total, i.currency
+FROM top_consumers c
+LEFT JOIN invoices i ON i.user_id = c.user_id AND i.month = c.month
+WHERE c.month = $1 AND c.rank <= $2
+ORDER BY c.rank, c.email;
