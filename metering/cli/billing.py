@@ -172,7 +172,7 @@ def show(inv: Any, lines: list[Any], days: list[Any]) -> None:
     print(f"adjustments {money(inv['adjustments'], cur)}")
     print(f"total {money(inv['total'], cur)}")
     print(
-        f"{inv['requests']:,} requests served, {inv['units']:,} billable units on {len(days)} days"
+        f"{inv['requests']:,} requests served, {inv['units']:,} billable units on {len(days)} day(s)"
     )
 
 

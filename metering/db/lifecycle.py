@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from metering.db.partitions import month_partition
 from metering.db.queries import get as q
 from metering.errors import MeteringError
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^usage_logs_y(\d{4})m(\d{2})$")
 
 
@@ -83,6 +85,9 @@ async def maintain(
         )
     parts = await conn.fetch(q("usage_partitions"))
     out.default_partition = next((r["name"] for r in parts if r["is_default"]), None)
+    if out.default_partition:
+        log.error("usage_logs has a DEFAULT partition %s: rows belong in their month",
+                  out.default_partition)  # fmt: skip
     if not drop:
         return out
     cutoff = now - timedelta(days=retention_days)

@@ -106,7 +106,7 @@ class UsagePipeline:
         policy: Callable[[], TimePolicy] = TimePolicy,
         writers: int = 1,
         retention_days: int = 90,
-        drop_expired: bool = True,  # False when `metering db maintain` archives them first
+        drop_expired: bool = True,  # False: `metering db maintain` archives, then drops
         partitions_ahead_months: int = 2,
         max_backoff_s: float = 30.0,
         command_timeout_s: float = 30.0,
@@ -128,8 +128,7 @@ class UsagePipeline:
         self._idle: asyncio.Queue[WriterConnection] = asyncio.Queue()
         for slot in self._slots:
             self._idle.put_nowait(slot)
-        # Redis needs a rebuild while a failure is newer than the last rebuild
-        # that started after it: a failure during a rebuild keeps it dirty.
+        # Redis needs a rebuild while a failure is newer than the last rebuild started after it
         self._redis_failed_gen = 1  # 1 > 0: rebuild check on the first reconcile
         self._redis_rebuilt_gen = 0
         self._outages = 0  # retry loops currently waiting out an outage
@@ -370,20 +369,12 @@ class UsagePipeline:
         try:
             await slot.writer()
             assert slot.conn is not None
-            done = await maintain(
-                slot.conn,
-                months_ahead=self._ahead,
-                retention_days=self._retention_days,
-                drop=self._drop_expired,
-            )
-            dropped = done.dropped
-            if done.default_partition:
-                log.error("usage_logs has a DEFAULT partition (%s): rows belong in their month",
-                          done.default_partition)  # fmt: skip
-            if dropped:
+            done = await maintain(slot.conn, months_ahead=self._ahead,
+                                  retention_days=self._retention_days, drop=self._drop_expired)  # fmt: skip
+            if done.dropped:
                 for other in self._slots:
                     other.forget_partitions()
-                log.info("dropped expired usage_logs partitions: %s", ", ".join(dropped))
+                log.info("dropped expired usage_logs partitions: %s", ", ".join(done.dropped))
             failed_gen = self._redis_failed_gen
             if failed_gen > self._redis_rebuilt_gen or not await self._counters.is_synced():
                 # the pipeline's clock (a fixed one in tests) decides what "today" is

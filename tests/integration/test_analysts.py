@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from metering.billing.service import Billing
+from metering.dev.analyst_queries import bound, nodes, ten_queries
 from metering.dev.usage_data import fill_month, make_users
 from metering.settings import Settings
 from metering.usage.rebuild import Rebuild
 from tests.integration.test_cli import run_cli
 from tests.integration.test_pipeline_db import event, pipeline_for, raw
 
-DOC = Path(__file__).parents[2] / "docs" / "analysts.md"
 SEP, OCT, NOV = date(2026, 9, 1), date(2026, 10, 1), date(2026, 11, 1)
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -102,25 +99,6 @@ async def test_latency_percentiles_from_the_histograms_are_within_2_percent(
             r["api_key_id"],
         )
         assert abs(r["p95_ms"] - t) / t <= 0.02
-
-
-def ten_queries() -> list[tuple[str, str]]:
-    text = DOC.read_text()
-    section = text.split("## Ten queries", 1)[1].split("\n## ", 1)[0]
-    found = re.findall(r"^### (\d+\. .+?)\n.*?```sql\n(.*?)```", section, flags=re.S | re.M)
-    return [(title, sql.strip().rstrip(";")) for title, sql in found]
-
-
-def bound(sql: str) -> str:
-    """psql's variables as parameters: $1 the user, $2 the month."""
-    return sql.replace(":'user_id'", "$1::uuid").replace(":'month'", "$2::date")
-
-
-def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    out = [plan]
-    for child in plan.get("Plans", []):
-        out += nodes(child)
-    return out
 
 
 @pytest.fixture
