@@ -171,12 +171,14 @@ CREATE TRIGGER invoices_final_guard BEFORE UPDATE OR DELETE ON invoices
 CREATE TRIGGER billing_months_final_guard BEFORE UPDATE OR DELETE ON billing_months
     FOR EACH ROW EXECUTE FUNCTION invoices_final_guard();
 
+-- A line or usage row of a final invoice: not added, changed, moved in or out.
 CREATE FUNCTION invoice_children_final_guard() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    v_id bigint := CASE TG_OP WHEN 'INSERT' THEN NEW.invoice_id ELSE OLD.invoice_id END;
 BEGIN
-    IF EXISTS (SELECT 1 FROM invoices WHERE id = v_id AND status = 'final') THEN
-        RAISE EXCEPTION 'invoice % is final and cannot change', v_id
+    IF EXISTS (SELECT 1 FROM invoices
+               WHERE status = 'final'
+                 AND id IN (CASE WHEN TG_OP <> 'DELETE' THEN NEW.invoice_id END,
+                            CASE WHEN TG_OP <> 'INSERT' THEN OLD.invoice_id END)) THEN
+        RAISE EXCEPTION 'invoice of % is final and cannot change', TG_TABLE_NAME
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     RETURN CASE TG_OP WHEN 'DELETE' THEN OLD ELSE NEW END;
@@ -186,3 +188,23 @@ CREATE TRIGGER invoice_lines_final_guard BEFORE INSERT OR UPDATE OR DELETE ON in
     FOR EACH ROW EXECUTE FUNCTION invoice_children_final_guard();
 CREATE TRIGGER invoice_usage_final_guard BEFORE INSERT OR UPDATE OR DELETE ON invoice_usage
     FOR EACH ROW EXECUTE FUNCTION invoice_children_final_guard();
+
+-- TRUNCATE skips row triggers: refused outright once anything is final.
+CREATE FUNCTION invoices_truncate_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing_months WHERE status = 'final')
+       OR EXISTS (SELECT 1 FROM invoices WHERE status = 'final') THEN
+        RAISE EXCEPTION 'TRUNCATE % refused: final invoices cannot change', TG_TABLE_NAME
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER invoices_truncate_guard BEFORE TRUNCATE ON invoices
+    FOR EACH STATEMENT EXECUTE FUNCTION invoices_truncate_guard();
+CREATE TRIGGER invoice_lines_truncate_guard BEFORE TRUNCATE ON invoice_lines
+    FOR EACH STATEMENT EXECUTE FUNCTION invoices_truncate_guard();
+CREATE TRIGGER invoice_usage_truncate_guard BEFORE TRUNCATE ON invoice_usage
+    FOR EACH STATEMENT EXECUTE FUNCTION invoices_truncate_guard();
+CREATE TRIGGER billing_months_truncate_guard BEFORE TRUNCATE ON billing_months
+    FOR EACH STATEMENT EXECUTE FUNCTION invoices_truncate_guard();

@@ -112,14 +112,14 @@ def draft(
     entries: Sequence[tuple[date, str, Price]],
     usage: Sequence[tuple[date, int, int]],
     adjustments: Sequence[Adjustment],
-    late_currency: str | None = None,
+    late_currencies: set[str] | None = None,
 ) -> Draft | None:
     """The month's invoice for one user, or None when they owe nothing to show
     (no tier in the month and no adjustment)."""
     parts = periods(month, entries)
     units = {day: u for day, _, u in usage}
     lines = invoice_lines(month, parts, units)
-    currencies = {p.price.currency for p in parts} | ({late_currency} if late_currency else set())
+    currencies = {p.price.currency for p in parts} | (late_currencies or set())
     if not parts and not adjustments:
         return None
     if len(currencies) != 1:

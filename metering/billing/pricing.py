@@ -13,7 +13,9 @@ will check it by hand:
   from that day; a user who joined mid-month starts on the day they joined
   (usage recorded before that day counts in their first period);
 * a period of ``d`` of the month's ``D`` days pays ``base * d / D`` and
-  includes ``round(included * d / D)`` units;
+  includes ``round(included * d / D)`` units; its bands start at
+  ``round(from_units * d / D)`` overage units (so splitting a month at an
+  unchanged price changes nothing but rounding);
 * the billable units of the period's days (requests the edge served, their
   ``units``) beyond its included units are overage, priced band by band, one
   line per band used;
@@ -33,6 +35,16 @@ from itertools import pairwise
 from metering.errors import InputError
 
 CENT = Decimal("0.01")
+MAX_BASE = Decimal(10) ** 10
+MAX_PER_1000 = Decimal(10) ** 8
+MAX_UNITS = 2**63
+
+
+def _places(value: Decimal) -> int:
+    exponent = value.normalize().as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
 THOUSAND = Decimal(1000)
 
 
@@ -57,8 +69,19 @@ class Price:
     def __post_init__(self) -> None:
         if len(self.currency) != 3 or not self.currency.isalpha() or not self.currency.isupper():
             raise InputError(f"currency {self.currency!r}: three capital letters, e.g. EUR")
+        if not self.base_monthly.is_finite() or any(not b.per_1000.is_finite() for b in self.bands):
+            raise InputError("prices must be finite numbers")
         if self.base_monthly < 0 or self.included_units < 0:
             raise InputError("base price and included units cannot be negative")
+        # what the columns hold exactly (numeric(12,2), numeric(14,6), bigint): never rounded
+        if self.base_monthly >= MAX_BASE or _places(self.base_monthly) > 2:
+            raise InputError(f"a base price is below {MAX_BASE:,} with at most 2 decimals")
+        if any(b.per_1000 >= MAX_PER_1000 or _places(b.per_1000) > 6 for b in self.bands):
+            raise InputError(
+                f"a price per 1,000 units is below {MAX_PER_1000:,}, at most 6 decimals"
+            )
+        if self.included_units >= MAX_UNITS or any(b.from_units >= MAX_UNITS for b in self.bands):
+            raise InputError("units are below 2^63")
         starts = [b.from_units for b in self.bands]
         if self.bands and (starts[0] != 0 or starts != sorted(set(starts))):
             raise InputError("overage bands start at 0 and rise strictly, e.g. 0, 1000000")
@@ -142,11 +165,14 @@ def invoice_lines(month: date, parts: Sequence[Period], units: Mapping[date, int
                 p.last_day,
             )
         )
-        included = int((Decimal(p.price.included_units) * share).to_integral_value(ROUND_HALF_UP))
+        included = prorated(p.price.included_units, share)
+        # the bands' thresholds shrink with the period, like the included units:
+        # a month split in two at an unchanged price costs what it did whole
+        bands = [Band(prorated(b.from_units, share), b.per_1000) for b in p.price.bands]
         used = sum(
             n for day, n in units.items() if (p.first_day if i else first) <= day <= p.last_day
         )
-        for band, n in overage(max(0, used - included), p.price.bands):
+        for band, n in overage(max(0, used - included), bands):
             lines.append(
                 Line(
                     "overage",
@@ -161,6 +187,10 @@ def invoice_lines(month: date, parts: Sequence[Period], units: Mapping[date, int
                 )
             )
     return lines
+
+
+def prorated(units: int, share: Decimal) -> int:
+    return int((Decimal(units) * share).to_integral_value(ROUND_HALF_UP))
 
 
 def total(lines: Sequence[Line]) -> Decimal:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -47,6 +47,7 @@ class BillRun:
     adjustments: int = 0
     finalized: int = 0
     totals: dict[str, Decimal] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # users that could not be billed
 
 
 def today_utc() -> date:
@@ -62,37 +63,71 @@ class Billing:
 
     # -- billing -------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _run(self) -> AsyncIterator[asyncpg.Connection]:
+        """One billing run at a time (a session lock, taken before the snapshot),
+        reading one snapshot (REPEATABLE READ): the units an adjustment counts
+        and the usage it prices come from the same moment."""
+        async with self._conn() as conn:
+            await conn.execute(q("billing_lock"))
+            try:
+                async with conn.transaction(isolation="repeatable_read"):
+                    yield conn
+            finally:
+                await conn.execute(q("billing_unlock"))
+
     async def bill(
         self, month: date, *, users: Sequence[uuid.UUID] | None = None, today: date | None = None
     ) -> BillRun:
-        """Draft invoices for ``month`` (all users, or ``users``)."""
+        """Draft invoices for ``month`` (all users, or ``users``). Users that
+        cannot be billed (a price missing, two currencies) are reported in
+        ``errors``; the others are billed."""
         first, _ = month_days(month)
         if first > (today or today_utc()):
             raise InputError(f"{first:%Y-%m} has not begun")
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(q("billing_lock"))
-            if await conn.fetchval(q("billing_month_status"), first) == "final":
+        async with self._run() as conn:
+            latest = await conn.fetchval(q("billing_latest_final"))
+            if latest is not None and first <= latest:
+                if await conn.fetchval(q("billing_month_status"), first) == "final":
+                    raise InputError(
+                        f"{first:%Y-%m} is final; usage recorded for it since then goes on "
+                        "the next invoice as an adjustment"
+                    )
                 raise InputError(
-                    f"{first:%Y-%m} is final; usage recorded for it since then goes on "
-                    f"the next invoice as an adjustment"
+                    f"{first:%Y-%m} comes before {latest:%Y-%m}, which is final: "
+                    "months are billed in order"
                 )
             run = await self._compute(conn, first, list(users) if users is not None else None)
             await conn.execute(q("billing_month_billed"), first)
             return run
 
     async def finalize(self, month: date, *, by: str, today: date | None = None) -> BillRun:
-        """Bill ``month`` once more and make every invoice of it final."""
+        """Bill ``month`` once more and make every invoice of it final. Months
+        finalize in order, with no gap after the last final one."""
         first, last = month_days(month)
         if last >= (today or today_utc()):
             raise InputError(f"{first:%Y-%m} has not ended (its last day is {last})")
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(q("billing_lock"))
-            if await conn.fetchval(q("billing_month_status"), first) == "final":
-                raise InputError(f"{first:%Y-%m} is already final")
+        async with self._run() as conn:
+            latest = await conn.fetchval(q("billing_latest_final"))
+            if latest is not None and first <= latest:
+                raise InputError(
+                    f"{first:%Y-%m} is already final"
+                    if await conn.fetchval(q("billing_month_status"), first) == "final"
+                    else f"{first:%Y-%m} comes before {latest:%Y-%m}, which is final"
+                )
+            if latest is not None and first != next_month(latest):
+                raise InputError(
+                    f"finalize {next_month(latest):%Y-%m} first: months finalize in order"
+                )
             earlier = await conn.fetchval(q("billing_month_draft_before"), first)
             if earlier is not None:
                 raise InputError(f"finalize {earlier:%Y-%m} first: months finalize in order")
             run = await self._compute(conn, first, None)
+            if run.errors:
+                raise InputError(
+                    f"{first:%Y-%m} not finalized: {len(run.errors)} user(s) cannot be billed: "
+                    + "; ".join(run.errors[:5])
+                )
             status = await conn.execute(q("billing_finalize_invoices"), first, by)
             run.finalized = int(status.split()[-1])
             await conn.execute(q("billing_month_finalize"), first, by)
@@ -101,22 +136,23 @@ class Billing:
     async def finalize_due(
         self, *, grace: timedelta, by: str, now: datetime | None = None
     ) -> list[BillRun]:
-        """What the worker's timer does: finalize each month whose grace period
-        has passed (the last month, and any earlier one billed but not final)."""
+        """What the workers have done for them: finalize, in order, every month
+        whose grace period has passed: from the one after the last final month
+        (or the oldest billed draft, or last month) to last month."""
         now = now or datetime.now(UTC)
         this_month = now.date().replace(day=1)
         last_month = (this_month - timedelta(days=1)).replace(day=1)
         async with self._conn() as conn:
-            months = [
-                r["month"]
-                for r in await conn.fetch(q("billing_months_to_close"), this_month, last_month)
-            ]
+            latest = await conn.fetchval(q("billing_latest_final"))
+            oldest_draft = await conn.fetchval(q("billing_month_draft_before"), this_month)
+        month = next_month(latest) if latest else min(oldest_draft or last_month, last_month)
         runs = []
-        for month in months:
+        while month <= last_month:
             closes = datetime.combine(next_month(month), datetime.min.time(), UTC) + grace
             if now < closes:
                 break
             runs.append(await self.finalize(month, by=by, today=now.date()))
+            month = next_month(month)
         return runs
 
     async def preview(self, month: date, users: Sequence[uuid.UUID]) -> list[Draft]:
@@ -130,13 +166,19 @@ class Billing:
         self, conn: asyncpg.Connection, first: date, users: list[uuid.UUID] | None
     ) -> BillRun:
         run = BillRun(first)
-        drafts = await self._drafts(conn, first, users)
+        drafts = await self._drafts(conn, first, users, run.errors)
         await self._store(conn, first, drafts, run, prune=users is None)
         return run
 
     async def _drafts(
-        self, conn: asyncpg.Connection, first: date, users: list[uuid.UUID] | None
+        self,
+        conn: asyncpg.Connection,
+        first: date,
+        users: list[uuid.UUID] | None,
+        errors: list[str] | None = None,
     ) -> list[Draft]:
+        """The month's drafts; a user that cannot be billed goes to ``errors``
+        (or raises, without a list)."""
         _, last = month_days(first)
         book = price_book(await conn.fetch(q("billing_prices")))
         by_id = {p.id: p for versions in book.values() for _, p in versions if p.id is not None}
@@ -151,20 +193,27 @@ class Billing:
             usage.setdefault(r["user_id"], []).append(
                 (r["date"], int(r["requests"]), int(r["units"]))
             )
-        adjustments, late_currency = await self._adjustments(conn, first, users, by_id)
+        adjustments, late_currencies = await self._adjustments(conn, first, users, by_id)
 
         drafts: list[Draft] = []
-        ids = {r["id"] for r in billed} | set(adjustments)
-        for user_id in sorted(ids):
-            entries = timeline(history.get(user_id, []), book)
-            d = draft(
-                user_id,
-                first,
-                entries,
-                usage.get(user_id, []),
-                adjustments.get(user_id, []),
-                late_currency.get(user_id),
-            )
+        billed_ids = {r["id"] for r in billed}
+        for user_id in sorted(billed_ids | set(adjustments)):
+            try:
+                # a user no longer billed (deleted) still gets the corrections of earlier months
+                entries = timeline(history.get(user_id, []), book) if user_id in billed_ids else []
+                d = draft(
+                    user_id,
+                    first,
+                    entries,
+                    usage.get(user_id, []) if user_id in billed_ids else [],
+                    adjustments.get(user_id, []),
+                    late_currencies.get(user_id, set()),
+                )
+            except InputError as exc:
+                if errors is None:
+                    raise
+                errors.append(str(exc) if str(user_id) in str(exc) else f"user {user_id}: {exc}")
+                continue
             if d is not None:
                 drafts.append(d)
         return drafts
@@ -175,7 +224,7 @@ class Billing:
         first: date,
         users: list[uuid.UUID] | None,
         prices: Mapping[int, Price],
-    ) -> tuple[dict[uuid.UUID, list[Adjustment]], dict[uuid.UUID, str]]:
+    ) -> tuple[dict[uuid.UUID, list[Adjustment]], dict[uuid.UUID, set[str]]]:
         late = await conn.fetch(q("billing_late"), first, users)
         if not late:
             return {}, {}
@@ -189,13 +238,13 @@ class Billing:
         for r in rows:
             units.setdefault((r["user_id"], r["month"]), {})[r["date"]] = int(r["units"])
         out: dict[uuid.UUID, list[Adjustment]] = {}
-        currency: dict[uuid.UUID, str] = {}
+        currency: dict[uuid.UUID, set[str]] = {}
         for r in late:
             periods = final_periods(parts.get(r["id"], []), prices)
             out.setdefault(r["user_id"], []).append(
                 adjustment(r, periods, units.get((r["user_id"], r["month"]), {}))
             )
-            currency[r["user_id"]] = r["currency"]
+            currency.setdefault(r["user_id"], set()).add(r["currency"])
         return out, currency
 
     async def _store(
@@ -312,8 +361,7 @@ class Billing:
     async def set_price(self, tier: str, price: Price, *, since: date) -> int:
         """A new price version of ``tier`` from day ``since``. A version of the
         same day is replaced if no invoice used it; a day inside a final month is refused."""
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(q("billing_lock"))
+        async with self._run() as conn:
             tier_id = await conn.fetchval(q("tier_id"), tier)
             if tier_id is None:
                 raise InputError(f"no tier {tier!r}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import date, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from metering.cli.alerts import operator
@@ -48,6 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     fin = isub.add_parser("finalize", help="bill a month one last time and make it final")
     which = fin.add_mutually_exclusive_group(required=True)
     which.add_argument("--month", type=month)
+    fin.add_argument("--by", help="who finalizes, for the record (default: your login name)")
     which.add_argument(
         "--due",
         action="store_true",
@@ -104,7 +107,9 @@ def money(amount: object, currency: str) -> str:
 def cmd_bill(args: argparse.Namespace, settings: Settings) -> int:
     run = billing(settings, lambda b: b.bill(args.month, users=args.user))
     print_run("billed", run)
-    return 0
+    for error in run.errors:
+        print(f"metering: not billed: {error}", file=sys.stderr)
+    return 1 if run.errors else 0
 
 
 def print_run(verb: str, run: Any) -> None:
@@ -139,13 +144,15 @@ def cmd_invoices(args: argparse.Namespace, settings: Settings) -> int:
         render(args, settings)
     elif args.due:
         grace = timedelta(days=settings.billing_grace_days)
-        runs = billing(settings, lambda b: b.finalize_due(grace=grace, by=operator()))
+        by = args.by or operator()
+        runs = billing(settings, lambda b: b.finalize_due(grace=grace, by=by))
         for run in runs:
             print_run("finalized", run)
         if not runs:
             print(f"nothing due (grace period {settings.billing_grace_days} days after month end)")
     else:
-        print_run("finalized", billing(settings, lambda b: b.finalize(args.month, by=operator())))
+        by = args.by or operator()
+        print_run("finalized", billing(settings, lambda b: b.finalize(args.month, by=by)))
     return 0
 
 
@@ -246,8 +253,11 @@ def cmd_spend_limit(args: argparse.Namespace, settings: Settings) -> int:
             amount = decimal(args.amount)
         except argparse.ArgumentTypeError as exc:
             raise InputError(str(exc)) from None
-        if amount == 0:
-            raise InputError("a spend limit must be > 0 (none removes it)")
+        if amount == 0 or amount >= 10**12 or amount != amount.quantize(Decimal("0.01")):
+            raise InputError(
+                "a spend limit is > 0 and below 1,000,000,000,000, with at most 2 decimals "
+                "(none removes it)"
+            )
 
     async def work(conn: Any) -> Any:
         user = await store.get_user(conn, args.user)

@@ -79,10 +79,11 @@ async def maintain(
     now = (now or datetime.now(UTC)).astimezone(UTC)
     out = Maintenance()
     this_month = month_partition(now).start
+    cutoff = now - timedelta(days=retention_days)
     for m in range(-1, months_ahead + 1):
-        out.created.append(
-            await conn.fetchval(q("ensure_month_partition"), add_months(this_month, m))
-        )
+        start = add_months(this_month, m)
+        if month_partition(start).end > cutoff:  # never a month that is already expired
+            out.created.append(await conn.fetchval(q("ensure_month_partition"), start))
     parts = await conn.fetch(q("usage_partitions"))
     out.default_partition = next((r["name"] for r in parts if r["is_default"]), None)
     if out.default_partition:
@@ -90,7 +91,6 @@ async def maintain(
                   out.default_partition)  # fmt: skip
     if not drop:
         return out
-    cutoff = now - timedelta(days=retention_days)
     for r in parts:
         match = _NAME.match(r["name"])
         if not match:
@@ -117,6 +117,15 @@ async def archive(conn: asyncpg.Connection, partition: str, folder: Path) -> Arc
     await conn.execute(f'LOCK TABLE "{partition}" IN SHARE MODE')  # writers wait; readers do not
     expected = await conn.fetchval(f'SELECT count(*) FROM "{partition}"')
     final = folder / f"{partition}.csv.gz"
+    manifest_path = folder / f"{partition}.json"
+    if final.exists():  # an earlier run wrote it and stopped before the drop committed
+        done = _earlier(final, manifest_path, expected)
+        if done is None:
+            raise ArchiveError(
+                f"{final} exists and does not hold the partition's {expected} rows; "
+                "move it away, then run again (the partition is kept)"
+            )
+        return Archive(partition, expected, final, done)
     part = final.with_suffix(".gz.part")
     with gzip.open(part, "wb", compresslevel=6) as out:
 
@@ -132,9 +141,6 @@ async def archive(conn: asyncpg.Connection, partition: str, folder: Path) -> Arc
             f"{partition}: {expected} rows, COPY wrote {copied}, the file holds {read_back}; kept"
         )
     digest = hashlib.sha256(part.read_bytes()).hexdigest()
-    with part.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, final)
     columns = [r["attname"] for r in await conn.fetch(q("table_columns"), partition)]
     manifest = {
         "partition": partition,
@@ -145,8 +151,38 @@ async def archive(conn: asyncpg.Connection, partition: str, folder: Path) -> Arc
         "columns": columns,
         "archived_at": datetime.now(UTC).isoformat(),
     }
-    (folder / f"{partition}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _durable(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    _fsync(part)
+    os.replace(part, final)
+    _fsync(folder)  # the rename and the manifest survive a crash before the DROP commits
     return Archive(partition, expected, final, digest)
+
+
+def _earlier(final: Path, manifest: Path, rows: int) -> str | None:
+    """The digest of an archive already written for these ``rows``, if it is whole."""
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.sha256(final.read_bytes()).hexdigest()
+    if meta.get("rows") != rows or meta.get("sha256") != digest or _count_rows(final) != rows:
+        return None
+    return digest
+
+
+def _durable(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_bytes(data)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _count_rows(path: Path) -> int:

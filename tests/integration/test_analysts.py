@@ -13,6 +13,8 @@ from decimal import Decimal
 
 import pytest
 
+from metering.accounts.service import AccountsService
+from metering.billing.pricing import Band, Price
 from metering.billing.service import Billing
 from metering.dev.analyst_queries import bound, nodes, ten_queries
 from metering.dev.usage_data import fill_month, make_users
@@ -60,6 +62,12 @@ async def test_latency_percentiles_from_the_histograms_are_within_2_percent(
         await pipeline.process(raw(events[:5_000]))  # a replay adds nothing
     assert (
         await db.fetch("SELECT * FROM daily_endpoint_usage ORDER BY api_key_id, endpoint") == before
+    )
+    # what the pipeline wrote batch by batch is what a rebuild from the raw rows gives
+    rebuilt = await Rebuild(db).run(day, apply=False)
+    assert rebuilt.raw_rows == 30_500 and rebuilt.clean, (
+        rebuilt.daily_diffs,
+        rebuilt.endpoint_diffs,
     )
 
     exact = """
@@ -167,6 +175,18 @@ async def test_rebuild_shows_the_differences_and_applies_them_only_when_asked(da
     keys = await make_users(db, 20)
     for month in (SEP, OCT):
         await fill_month(db, keys, month, per_key=40)
+    # the first customer pays 1.00 a unit beyond the first 10 (hand-checkable)
+    await AccountsService(db, cache=None, pepper=None).create_tier(
+        name="unit", daily_quota=None, rate_limit_per_minute=600
+    )
+    await Billing(db).set_price(
+        "unit", Price("USD", Decimal(0), 10, (Band(0, Decimal(1000)),)), since=date(2020, 1, 1)
+    )
+    await db.execute(
+        "UPDATE user_tier_history SET tier_id = (SELECT id FROM access_tiers WHERE name = 'unit') "
+        "WHERE user_id = $1",
+        keys[0][0],
+    )
     clean = run_cli(s, "usage", "rebuild", "--month", "2026-10")
     assert clean.returncode == 0, clean.stderr
     assert "0 user-days differ, 0 key/endpoint rows differ" in clean.stdout
@@ -193,7 +213,12 @@ async def test_rebuild_shows_the_differences_and_applies_them_only_when_asked(da
     assert "nothing written" in shown.stdout
     assert await db.fetch("SELECT * FROM daily_usage ORDER BY user_id, date") == stored
     # the final invoice billed 7 units too few: they go on the next invoice
-    assert "+7 units as an adjustment on the next invoice" in shown.stdout
+    assert "adjustment on the next invoice" in shown.stdout
+    billed = {r["user_id"]: r for r in (await Rebuild(db).run(SEP, apply=False)).billed}
+    assert list(billed) == [user]
+    assert (billed[user]["status"], billed[user]["rebuilt_units"] - billed[user]["billed_units"]) == (
+        "final", 7,
+    )  # fmt: skip
 
     applied = run_cli(s, "usage", "rebuild", "--month", "2026-09", "--apply")
     assert applied.returncode == 0 and "applied" in applied.stdout
@@ -209,7 +234,8 @@ async def test_rebuild_shows_the_differences_and_applies_them_only_when_asked(da
         user,
         OCT,
     )
-    assert adj is not None and adj["units_delta"] == 7 and adj["amount"] >= Decimal(0)
+    # 7 more units than billed, beyond the included 10: 7 x 1.00
+    assert adj is not None and (adj["units_delta"], adj["amount"]) == (7, Decimal("7.00"))
     assert await db.fetchrow("SELECT * FROM invoices WHERE id = $1", final["id"]) == final
 
 

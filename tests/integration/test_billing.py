@@ -14,8 +14,9 @@ import asyncpg
 import pytest
 
 from metering.accounts.service import AccountsService
-from metering.billing.pricing import month_days
+from metering.billing.pricing import Price, month_days
 from metering.billing.service import Billing
+from metering.errors import InputError
 from metering.settings import Settings
 from tests.integration.conftest import eventually
 from tests.integration.test_anomalies import publish
@@ -210,6 +211,14 @@ async def test_a_rerun_is_identical_and_a_final_month_never_changes(database_url
             await db.execute(sql, final["id"])
     with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError):
         await db.execute("UPDATE billing_months SET status = 'draft' WHERE month = $1", OCT)
+    await billing.bill(NOV)  # a draft to move lines from
+    with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError):  # moved in from a draft
+        await db.execute(
+            "UPDATE invoice_lines SET invoice_id = $1 WHERE invoice_id <> $1", final["id"]
+        )
+    for table in ("invoices", "invoice_lines", "invoice_usage", "billing_months"):
+        with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError):
+            await db.execute(f"TRUNCATE {table} CASCADE")
     assert await db.fetchrow("SELECT * FROM invoices WHERE month = $1", OCT) == final
     # a month that has not ended cannot be final
     this_month = datetime.now(UTC).strftime("%Y-%m")
@@ -377,3 +386,97 @@ async def test_an_invoice_renders_to_pdf_and_html_with_the_figures_of_daily_usag
     assert all(f"{r['units']:,}" in html for r in stored)
     missing = run_cli(s, "invoices", "render", number)
     assert missing.returncode == 2 and "--pdf" in missing.stderr
+
+
+async def test_several_late_months_gaps_and_a_deleted_customer(db):
+    """Late usage of two final months lands once each on the next open
+    invoice, and not again after that one is final; months cannot be skipped
+    or billed out of order; a deleted customer gets only their corrections."""
+    await AccountsService(db, cache=None, pepper=None).create_tier(
+        name="unit", daily_quota=None, rate_limit_per_minute=600
+    )
+    billing = Billing(db)
+    await billing.set_price("unit", price("10.00", 1_000, "1000"), since=date(2020, 1, 1))
+    user = await user_on(db, (date(2020, 1, 1), "unit"))  # 10.00 a month, 1.00 a unit over 1,000
+    gone = await user_on(db, (date(2020, 1, 1), "unit"))
+    await used(db, user, {SEP.replace(day=5): 1_500, OCT.replace(day=5): 1_000})
+    await used(db, gone, {SEP.replace(day=5): 1_000})
+    await billing.finalize(SEP, by="t", today=date(2026, 10, 4))
+    # October cannot be skipped, and August cannot come after September
+    with pytest.raises(InputError, match="finalize 2026-10 first"):
+        await billing.finalize(NOV, by="t", today=date(2026, 12, 4))
+    with pytest.raises(InputError, match="comes before 2026-09"):
+        await billing.bill(date(2026, 8, 1))
+    # the workers' catch-up after a pause: October, then November, in order
+    runs = await billing.finalize_due(grace=timedelta(days=3), by="t",
+                                      now=datetime(2026, 12, 10, tzinfo=UTC))  # fmt: skip
+    assert [r.month for r in runs] == [OCT, NOV]
+    assert await total_of(db, user, SEP) == Decimal("510.00")  # 10 + 500 over
+    assert await total_of(db, user, OCT) == Decimal("10.00")
+
+    # late usage for both months; the second customer is deleted meanwhile
+    await db.execute("UPDATE daily_usage SET units = units + 100 WHERE user_id = $1 AND date = $2",
+                     user, SEP.replace(day=5))  # fmt: skip
+    await db.execute("UPDATE daily_usage SET units = units + 200 WHERE user_id = $1 AND date = $2",
+                     user, OCT.replace(day=5))  # fmt: skip
+    await db.execute("UPDATE daily_usage SET units = units + 30 WHERE user_id = $1 AND date = $2",
+                     gone, SEP.replace(day=5))  # fmt: skip
+    await db.execute("UPDATE users SET status = 'deleted' WHERE id = $1", gone)
+    dec = date(2026, 12, 1)
+    run = await billing.bill(dec, today=date(2026, 12, 11))
+    assert run.adjustments == 3 and run.errors == []
+    assert [(r["refers_to_month"], r["units_delta"], r["amount"]) for r in await adjustments(db, user, dec)] == [
+        (SEP, 100, Decimal("100.00")), (OCT, 200, Decimal("200.00")),
+    ]  # fmt: skip
+    assert await total_of(db, user, dec) == Decimal("310.00")
+    # the deleted customer: their September correction (they had used exactly
+    # the 1,000 included: 30 more at 1.00), and no base price for December
+    assert await lines_of(db, gone, dec) == [
+        ("adjustment", "unit", 30, Decimal("30.00"), SEP, date(2026, 9, 30))
+    ]
+    # December final: nothing is carried twice into January
+    await billing.finalize(dec, by="t", today=date(2027, 1, 5))
+    jan = date(2027, 1, 1)
+    again = await billing.bill(jan, today=date(2027, 1, 5))
+    assert again.adjustments == 0
+    await db.execute("UPDATE daily_usage SET units = units + 50 WHERE user_id = $1 AND date = $2",
+                     user, SEP.replace(day=5))  # fmt: skip
+    late = await billing.bill(jan, today=date(2027, 1, 6))
+    assert late.adjustments == 1
+    assert [
+        (r["refers_to_month"], r["units_delta"], r["amount"])
+        for r in await adjustments(db, user, jan)
+    ] == [(SEP, 50, Decimal("50.00"))]
+
+
+async def test_a_customer_who_cannot_be_billed_is_reported_and_blocks_finalization(db):
+    accounts = AccountsService(db, cache=None, pepper=None)
+    await accounts.create_tier(name="euro", daily_quota=None, rate_limit_per_minute=600)
+    billing = Billing(db)
+    await billing.set_price("euro", Price("EUR", Decimal(5), 0, ()), since=date(2020, 1, 1))
+    fine = await user_on(db, (date(2020, 1, 1), "pro"))
+    mixed = await user_on(db, (date(2020, 1, 1), "euro"), (date(2026, 10, 1), "pro"))
+    await used(db, mixed, {SEP.replace(day=3): 10})
+    await billing.finalize(SEP, by="t", today=date(2026, 10, 4))
+    await db.execute("UPDATE daily_usage SET units = units + 5 WHERE user_id = $1", mixed)
+    run = await billing.bill(OCT, today=date(2026, 10, 20))  # a EUR correction on a USD invoice
+    assert len(run.errors) == 1 and str(mixed) in run.errors[0] and "EUR" in run.errors[0]
+    assert await total_of(db, fine, OCT) == Decimal("49.00")  # the others are billed
+    with pytest.raises(InputError, match="cannot be billed"):
+        await billing.finalize(OCT, by="t", today=date(2026, 11, 4))
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM invoices WHERE status = 'final' AND month = $1", OCT
+        )
+        == 0
+    )
+
+
+async def adjustments(db: asyncpg.Connection, user: uuid.UUID, month: date) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT l.refers_to_month, l.units_delta, l.amount FROM invoice_lines l "
+        "JOIN invoices i ON i.id = l.invoice_id "
+        "WHERE i.user_id = $1 AND i.month = $2 AND l.kind = 'adjustment' ORDER BY l.refers_to_month",
+        user,
+        month,
+    )

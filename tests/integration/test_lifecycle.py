@@ -126,3 +126,32 @@ async def test_db_maintain_archives_with_the_archive_setting(database_url, db, t
     assert "archived usage_logs_y2019m01: 12 rows" in out.stdout
     assert "usage_logs_y2019m01" not in await partitions(db)
     assert (tmp_path / "archive" / "usage_logs_y2019m01.csv.gz").exists()
+
+
+async def test_an_archive_is_never_overwritten(db, tmp_path):
+    from metering.db.lifecycle import ArchiveError, archive
+
+    keys = await make_users(db, 3)
+    await fill_month(db, keys, date(2026, 5, 1), per_key=5)
+    name, now = "usage_logs_y2026m05", datetime(2026, 12, 6, tzinfo=UTC)
+
+    class Stop(Exception):
+        pass
+
+    # a run that wrote the archive and stopped before its DROP committed
+    with pytest.raises(Stop):
+        async with db.transaction():
+            first = await archive(db, name, tmp_path)
+            raise Stop
+    assert name in await partitions(db)
+    done = await maintain(db, months_ahead=0, retention_days=90, archive_dir=tmp_path, now=now)
+    assert done.dropped == [name] and done.archived[0].sha256 == first.sha256  # reused, whole
+
+    # a different file under the partition's name is never replaced
+    await fill_month(db, keys, date(2026, 4, 1), per_key=5)
+    other = tmp_path / "usage_logs_y2026m04.csv.gz"
+    other.write_bytes(gzip.compress(b"event_id\nsomething else\n"))
+    with pytest.raises(ArchiveError, match="move it away"):
+        await maintain(db, months_ahead=0, retention_days=90, archive_dir=tmp_path, now=now)
+    assert "usage_logs_y2026m04" in await partitions(db)
+    assert gzip.decompress(other.read_bytes()) == b"event_id\nsomething else\n"

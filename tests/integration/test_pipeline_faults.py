@@ -307,13 +307,11 @@ async def test_a_failing_reconcile_is_logged_and_tried_again(
     database_url, db, redis_client, redis_prefix
 ):
     """Housekeeping never raises into the worker's timer (42P07 used to)."""
-    await db.execute("ALTER FUNCTION drop_expired_usage_logs_partitions(interval) RENAME TO parked")
+    await db.execute("ALTER FUNCTION ensure_usage_logs_partition(timestamptz) RENAME TO parked")
     async with pipeline_for(database_url, redis_client, redis_prefix) as p:
         await asyncio.wait_for(p.reconcile(), 10)  # 42883: undefined function
         assert p.stats.reconcile_failures == 1 and p.stats.rebuilds == 0
-        await db.execute(
-            "ALTER FUNCTION parked(interval) RENAME TO drop_expired_usage_logs_partitions"
-        )
+        await db.execute("ALTER FUNCTION parked(timestamptz) RENAME TO ensure_usage_logs_partition")
         await asyncio.wait_for(p.reconcile(), 10)
     assert p.stats.reconcile_failures == 1 and p.stats.rebuilds == 1
 

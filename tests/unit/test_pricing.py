@@ -57,6 +57,23 @@ def test_a_tier_change_mid_month_prorates_by_day():
     assert total(lines) == Decimal("100.67")
 
 
+def test_a_month_split_at_an_unchanged_price_costs_what_it_did_whole():
+    # 2,100,000 units, 70,000 a day. Whole: 2,000,000 over the 100,000 included:
+    # 1,000,000 x 0.50 = 500.00 + 1,000,000 x 0.30 = 300.00 + 49.00 = 849.00.
+    # Split on the 16th (15 + 15 days): each half includes 50,000 and its
+    # second band starts at 500,000 over: 24.50 + 250.00 + 150.00, twice.
+    usage = daily(NOV, 30, 70_000)
+    whole = invoice_lines(NOV, periods(NOV, [(NOV, "pro", PRO)]), usage)
+    split = invoice_lines(
+        NOV, periods(NOV, [(NOV, "pro", PRO), (date(2026, 11, 16), "pro", PRO)]), usage
+    )
+    assert total(whole) == total(split) == Decimal("849.00")
+    assert [(ln.quantity, ln.amount) for ln in split if ln.kind == "overage"] == [
+        (500_000, Decimal("250.00")), (500_000, Decimal("150.00")),
+        (500_000, Decimal("250.00")), (500_000, Decimal("150.00")),
+    ]  # fmt: skip
+
+
 def test_a_leap_february_and_a_change_after_the_month():
     feb = date(2028, 2, 1)
     parts = periods(feb, [(date(2027, 1, 1), "pro", PRO), (date(2028, 3, 5), "free", FREE)])

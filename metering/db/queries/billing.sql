@@ -1,8 +1,15 @@
 -- Billing: prices, tier histories, invoices (metering.billing).
 
 -- name: billing_lock
--- One billing run at a time (bill and finalize of any month), for the transaction.
-SELECT pg_advisory_xact_lock(hashtext('metering:billing'));
+-- One billing run at a time (bill, finalize, a price change), taken for the
+-- session before the run's snapshot; billing_unlock releases it.
+SELECT pg_advisory_lock(hashtext('metering:billing'));
+
+-- name: billing_unlock
+SELECT pg_advisory_unlock(hashtext('metering:billing'));
+
+-- name: billing_latest_final
+SELECT max(month) FROM billing_months WHERE status = 'final';
 
 -- name: billing_month_status
 SELECT status FROM billing_months WHERE month = $1;
@@ -10,13 +17,6 @@ SELECT status FROM billing_months WHERE month = $1;
 -- name: billing_month_draft_before
 -- The earliest billed month before $1 that is not final yet (months finalize in order).
 SELECT month FROM billing_months WHERE status = 'draft' AND month < $1 ORDER BY month LIMIT 1;
-
--- name: billing_months_to_close
--- Draft months before $1, and the month $2 whether billed or not, oldest first.
-SELECT month FROM billing_months WHERE status = 'draft' AND month < $1
-UNION
-SELECT $2::date WHERE NOT EXISTS (SELECT 1 FROM billing_months WHERE month = $2 AND status = 'final')
-ORDER BY 1;
 
 -- name: billing_month_billed
 INSERT INTO billing_months (month) VALUES ($1)
@@ -27,12 +27,14 @@ INSERT INTO billing_months (month, status, finalized_at, finalized_by) VALUES ($
 ON CONFLICT (month) DO UPDATE SET status = 'final', finalized_at = now(), finalized_by = $2;
 
 -- name: billing_users
--- Users billed for the month from $1 to $2: on a tier by its last day, not
--- deleted before it began; $3 only these (NULL: all).
+-- Users billed for the month from $1 to $2: on a tier by its last day, and
+-- not deleted, or deleted with billable usage in the month; $3 only these (NULL: all).
 SELECT u.id, u.email
 FROM users u
 WHERE EXISTS (SELECT 1 FROM user_tier_history h WHERE h.user_id = u.id AND h.effective_from <= $2)
-  AND NOT (u.status = 'deleted' AND u.updated_at < $1)
+  AND (u.status <> 'deleted'
+       OR EXISTS (SELECT 1 FROM daily_usage d
+                  WHERE d.user_id = u.id AND d.date BETWEEN $1 AND $2 AND d.units > 0))
   AND ($3::uuid[] IS NULL OR u.id = ANY ($3))
 ORDER BY u.id;
 

@@ -81,16 +81,20 @@ WHERE (s.request_count, s.units, s.rejected_count, s.client_error_count, s.serve
 ORDER BY 1, 2;
 
 -- name: rebuild_diff_endpoint
--- How many (user, day, key, endpoint) rows of $1..$2 differ, and how many histograms.
+-- How many (user, day, key, endpoint) rows of $1..$2 differ, and how many
+-- histograms: the stored arrays are compared merged (the pipeline appends
+-- batch by batch; the rebuild writes them merged).
 SELECT count(*) AS rows,
-       count(*) FILTER (WHERE (s.latency_buckets, s.latency_counts)
+       count(*) FILTER (WHERE (s.buckets, s.counts)
                               IS DISTINCT FROM (r.latency_buckets, r.latency_counts)) AS histograms
-FROM (SELECT * FROM daily_endpoint_usage WHERE date >= $1 AND date < $2) AS s
+FROM (SELECT e.*, m.buckets, m.counts
+      FROM daily_endpoint_usage e
+      CROSS JOIN LATERAL latency_hist_merge(e.latency_buckets, e.latency_counts, '{}', '{}') AS m
+      WHERE e.date >= $1 AND e.date < $2) AS s
 FULL JOIN rebuilt_endpoint AS r
   ON r.user_id = s.user_id AND r.date = s.date AND r.endpoint = s.endpoint
  AND r.api_key_id IS NOT DISTINCT FROM s.api_key_id
-WHERE (s.requests, s.refused, s.units, s.client_errors, s.server_errors, s.latency_buckets,
-       s.latency_counts)
+WHERE (s.requests, s.refused, s.units, s.client_errors, s.server_errors, s.buckets, s.counts)
       IS DISTINCT FROM
       (r.requests, r.refused, r.units, r.client_errors, r.server_errors, r.latency_buckets,
        r.latency_counts);
@@ -111,8 +115,10 @@ WHERE coalesce(r.units, 0) <> coalesce(s.units, 0)
 ORDER BY 1;
 
 -- name: rebuild_lock
--- The pipeline's writes to the daily tables wait while a rebuild replaces them.
-LOCK TABLE daily_usage, daily_endpoint_usage IN EXCLUSIVE MODE;
+-- The pipeline's writes to the daily tables wait while a rebuild replaces
+-- them; taken in the order the batch statement takes them (its text names
+-- daily_endpoint_usage first), so the two cannot deadlock.
+LOCK TABLE daily_endpoint_usage, daily_usage IN EXCLUSIVE MODE;
 
 -- name: rebuild_delete_daily
 DELETE FROM daily_usage WHERE date >= $1 AND date < $2;
