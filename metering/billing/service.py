@@ -159,8 +159,8 @@ class Billing:
         """The month's invoices of ``users`` as they stand, without storing them
         (what a spend notification compares with its limit)."""
         first, _ = month_days(month)
-        async with self._conn() as conn:
-            return await self._drafts(conn, first, list(users))
+        async with self._conn() as conn:  # a customer who cannot be priced is left out
+            return await self._drafts(conn, first, list(users), errors=[])
 
     async def _compute(
         self, conn: asyncpg.Connection, first: date, users: list[uuid.UUID] | None

@@ -174,7 +174,7 @@ async def test_rebuild_shows_the_differences_and_applies_them_only_when_asked(da
     s = Settings.from_env(database_url=database_url)
     keys = await make_users(db, 20)
     for month in (SEP, OCT):
-        await fill_month(db, keys, month, per_key=40)
+        await fill_month(db, keys, month, per_key=150)
     # the first customer pays 1.00 a unit beyond the first 10 (hand-checkable)
     await AccountsService(db, cache=None, pepper=None).create_tier(
         name="unit", daily_quota=None, rate_limit_per_minute=600
@@ -195,10 +195,16 @@ async def test_rebuild_shows_the_differences_and_applies_them_only_when_asked(da
     # September's counts drift (lost increments, a deleted histogram row) and
     # September is billed and made final with them
     user = keys[0][0]
+    busiest = await db.fetchval(  # a day with at least 7 units and requests to lose
+        "SELECT date FROM daily_usage WHERE user_id = $1 AND date < '2026-10-01' "
+        "ORDER BY least(units, request_count - rejected_count) DESC LIMIT 1",
+        user,
+    )
     await db.execute(
         "UPDATE daily_usage SET units = units - 7, request_count = request_count - 7 "
-        "WHERE user_id = $1 AND date = '2026-09-10'",
+        "WHERE user_id = $1 AND date = $2 AND units >= 7 AND request_count - rejected_count >= 7",
         user,
+        busiest,
     )
     await db.execute(
         "DELETE FROM daily_endpoint_usage WHERE ctid = (SELECT ctid FROM daily_endpoint_usage "
