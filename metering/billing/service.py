@@ -74,7 +74,9 @@ class Billing:
                 async with conn.transaction(isolation="repeatable_read"):
                     yield conn
             finally:
-                await conn.execute(q("billing_unlock"))
+                if not conn.is_closed():  # a lost session has released its lock already
+                    with contextlib.suppress(asyncpg.PostgresError, OSError):
+                        await conn.execute(q("billing_unlock"))
 
     async def bill(
         self, month: date, *, users: Sequence[uuid.UUID] | None = None, today: date | None = None
