@@ -195,3 +195,12 @@ def prorated(units: int, share: Decimal) -> int:
 
 def total(lines: Sequence[Line]) -> Decimal:
     return sum((line.amount for line in lines), Decimal("0.00"))
+
+
+def band(text: str) -> Band:
+    """``FROM:PRICE`` (overage units from which, price per 1,000), e.g. ``0:0.50``."""
+    try:
+        start, price = text.split(":")
+        return Band(int(start.replace("_", "").replace(",", "")), Decimal(price))
+    except (ValueError, ArithmeticError):
+        raise InputError(f"{text!r} is not a band like 0:0.50 or 1000000:0.30") from None

@@ -32,7 +32,7 @@ from metering.billing.drafts import (
     price_book,
     timeline,
 )
-from metering.billing.pricing import Band, Price, month_days
+from metering.billing.pricing import Price, month_days
 from metering.db.connect import connection
 from metering.db.queries import get as q
 from metering.errors import InputError
@@ -391,12 +391,3 @@ class Billing:
             )
             await conn.execute(q("tier_price_sync"), tier_id)
             return int(price_id)
-
-
-def band(text: str) -> Band:
-    """``FROM:PRICE`` (overage units from which, price per 1,000), e.g. ``0:0.50``."""
-    try:
-        start, price = text.split(":")
-        return Band(int(start.replace("_", "").replace(",", "")), Decimal(price))
-    except (ValueError, ArithmeticError):
-        raise InputError(f"{text!r} is not a band like 0:0.50 or 1000000:0.30") from None

@@ -215,8 +215,8 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
             ],
         )  # fmt: skip
         return 0
-    from metering.billing.pricing import Price
-    from metering.billing.service import band, today_utc
+    from metering.billing.pricing import Price, band
+    from metering.billing.service import today_utc
 
     since = args.since or (today_utc().replace(day=28) + timedelta(days=4)).replace(day=1)
     price = Price(args.currency, args.base, args.included, tuple(band(b) for b in args.band))
