@@ -15,7 +15,7 @@ import csv
 import json
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,7 @@ def write_png(s: Statement, path: str | Path) -> None:
     """Daily requests (served, refused) and errors above, latency percentiles below."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.dates import DateFormatter, DayLocator
         from matplotlib.figure import Figure
     except ImportError:
         raise InputError("charts need matplotlib: pip install 'metering[reports]'") from None
@@ -131,7 +132,12 @@ def write_png(s: Statement, path: str | Path) -> None:
         low_ax.plot(x, [getattr(d, attr) for d in s.days], style, marker=".", label=label)
     low_ax.set_ylabel("latency, ms (served)")
     low_ax.legend(loc="upper left", ncols=3, framealpha=0.9)
-    fig.autofmt_xdate()
+    # the whole month, a tick per day, whatever days have usage
+    first, last = s.month, next_month(s.month) - timedelta(days=1)
+    low_ax.set_xlim(first - timedelta(hours=14), last + timedelta(hours=14))
+    low_ax.xaxis.set_major_locator(DayLocator(interval=2))
+    low_ax.xaxis.set_major_formatter(DateFormatter("%d"))
+    low_ax.set_xlabel(f"day of {s.month:%B %Y}")
     figures = {"user_id": str(s.user_id), "month": f"{s.month:%Y-%m}",
                "days": [asdict(d) | {"date": d.date.isoformat()} for d in s.days]}  # fmt: skip
     fig.savefig(
