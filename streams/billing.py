@@ -1,7 +1,8 @@
-"""Months finalize by themselves: every few minutes each worker runs
+"""Months finalize by themselves: every few minutes each worker asks whether
+a month is past its grace period (two small reads), and only then runs
 ``metering invoices finalize --due`` as a child process, which finalizes,
-in order, every month past its grace period (metering.billing.service; one
-advisory lock makes two workers, or a worker and an operator, take turns).
+in order, every such month (metering.billing.service; one advisory lock
+makes two workers, or a worker and an operator, take turns).
 
 A child process, because pricing every customer is seconds of CPU: on the
 worker's event loop it would stall the stream and its group heartbeats. It
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from datetime import timedelta
 
 import faust
 
@@ -50,6 +52,28 @@ async def finalize_due() -> int:
     return proc.returncode or 0
 
 
+async def anything_due(settings: Settings) -> bool:
+    from metering.billing.service import Billing
+    from metering.db import connect
+
+    conn = await connect(settings.database_url)
+    try:
+        grace = timedelta(days=settings.billing_grace_days)
+        return bool(await Billing(conn).due_months(grace=grace))
+    finally:
+        await conn.close()
+
+
+async def check(settings: Settings) -> None:
+    try:
+        due = await anything_due(settings)
+    except Exception as exc:  # PostgreSQL away: the next check asks again
+        log.warning("checking for months to finalize failed (retried): %s", exc)
+        return
+    if due:
+        await finalize_due()
+
+
 def add_billing(app: faust.App, settings: Settings) -> None:
     if not settings.billing_auto_finalize:
         return
@@ -57,8 +81,8 @@ def add_billing(app: faust.App, settings: Settings) -> None:
     @app.task
     async def finalize_on_start() -> None:
         await asyncio.sleep(FIRST_CHECK_DELAY_S)
-        await finalize_due()
+        await check(settings)
 
     @app.timer(interval=CHECK_INTERVAL_S)
     async def finalize_timer() -> None:
-        await finalize_due()
+        await check(settings)

@@ -78,6 +78,17 @@ class Billing:
                     with contextlib.suppress(asyncpg.PostgresError, OSError):
                         await conn.execute(q("billing_unlock"))
 
+    async def _after_final(
+        self, conn: asyncpg.Connection, first: date, *, is_final: str, before: str
+    ) -> date | None:
+        """Refuse a month at or before the last final one; that month, or None."""
+        latest: date | None = await conn.fetchval(q("billing_latest_final"))
+        if latest is not None and first <= latest:
+            if await conn.fetchval(q("billing_month_status"), first) == "final":
+                raise InputError(f"{first:%Y-%m} {is_final}")
+            raise InputError(f"{first:%Y-%m} comes before {latest:%Y-%m}, which is final{before}")
+        return latest
+
     async def bill(
         self, month: date, *, users: Sequence[uuid.UUID] | None = None, today: date | None = None
     ) -> BillRun:
@@ -88,17 +99,13 @@ class Billing:
         if first > (today or today_utc()):
             raise InputError(f"{first:%Y-%m} has not begun")
         async with self._run() as conn:
-            latest = await conn.fetchval(q("billing_latest_final"))
-            if latest is not None and first <= latest:
-                if await conn.fetchval(q("billing_month_status"), first) == "final":
-                    raise InputError(
-                        f"{first:%Y-%m} is final; usage recorded for it since then goes on "
-                        "the next invoice as an adjustment"
-                    )
-                raise InputError(
-                    f"{first:%Y-%m} comes before {latest:%Y-%m}, which is final: "
-                    "months are billed in order"
-                )
+            await self._after_final(
+                conn,
+                first,
+                is_final="is final; usage recorded for it since then goes on the next invoice "
+                "as an adjustment",
+                before=": months are billed in order",
+            )
             run = await self._compute(conn, first, list(users) if users is not None else None)
             await conn.execute(q("billing_month_billed"), first)
             return run
@@ -110,13 +117,7 @@ class Billing:
         if last >= (today or today_utc()):
             raise InputError(f"{first:%Y-%m} has not ended (its last day is {last})")
         async with self._run() as conn:
-            latest = await conn.fetchval(q("billing_latest_final"))
-            if latest is not None and first <= latest:
-                raise InputError(
-                    f"{first:%Y-%m} is already final"
-                    if await conn.fetchval(q("billing_month_status"), first) == "final"
-                    else f"{first:%Y-%m} comes before {latest:%Y-%m}, which is final"
-                )
+            latest = await self._after_final(conn, first, is_final="is already final", before="")
             if latest is not None and first != next_month(latest):
                 raise InputError(
                     f"finalize {next_month(latest):%Y-%m} first: months finalize in order"
@@ -135,12 +136,9 @@ class Billing:
             await conn.execute(q("billing_month_finalize"), first, by)
             return run
 
-    async def finalize_due(
-        self, *, grace: timedelta, by: str, now: datetime | None = None
-    ) -> list[BillRun]:
-        """What the workers have done for them: finalize, in order, every month
-        whose grace period has passed: from the one after the last final month
-        (or the oldest billed draft, or last month) to last month."""
+    async def due_months(self, *, grace: timedelta, now: datetime | None = None) -> list[date]:
+        """Months past their grace period, not final, oldest first: from the one after the
+        last final month (or the oldest billed draft, or last month) to last month."""
         now = now or datetime.now(UTC)
         this_month = now.date().replace(day=1)
         last_month = (this_month - timedelta(days=1)).replace(day=1)
@@ -148,14 +146,23 @@ class Billing:
             latest = await conn.fetchval(q("billing_latest_final"))
             oldest_draft = await conn.fetchval(q("billing_month_draft_before"), this_month)
         month = next_month(latest) if latest else min(oldest_draft or last_month, last_month)
-        runs = []
+        due = []
         while month <= last_month:
-            closes = datetime.combine(next_month(month), datetime.min.time(), UTC) + grace
-            if now < closes:
+            if now < datetime.combine(next_month(month), datetime.min.time(), UTC) + grace:
                 break
-            runs.append(await self.finalize(month, by=by, today=now.date()))
+            due.append(month)
             month = next_month(month)
-        return runs
+        return due
+
+    async def finalize_due(
+        self, *, grace: timedelta, by: str, now: datetime | None = None
+    ) -> list[BillRun]:
+        """What the workers have done for them: finalize the due months, in order."""
+        now = now or datetime.now(UTC)
+        return [
+            await self.finalize(month, by=by, today=now.date())
+            for month in await self.due_months(grace=grace, now=now)
+        ]
 
     async def preview(self, month: date, users: Sequence[uuid.UUID]) -> list[Draft]:
         """The month's invoices of ``users`` as they stand, without storing them

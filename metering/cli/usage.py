@@ -265,7 +265,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         ["date", "served", "refused", "units", "4xx", "5xx", "p50 ms", "p95 ms", "p99 ms"],
         [
             (d.date, f"{d.served:,}", f"{d.refused:,}", f"{d.units:,}", d.client_errors,
-             d.server_errors, *(st._ms(v) or "-" for v in (d.p50_ms, d.p95_ms, d.p99_ms)))
+             d.server_errors, *(st.ms_text(v) or "-" for v in (d.p50_ms, d.p95_ms, d.p99_ms)))
             for d in s.days
         ],
     )  # fmt: skip

@@ -94,11 +94,11 @@ def write_csv(s: Statement, path: str | Path) -> None:
         for d in s.days:
             out.writerow([
                 d.date.isoformat(), d.served, d.refused, d.units, d.client_errors,
-                d.server_errors, *(_ms(v) for v in (d.p50_ms, d.p95_ms, d.p99_ms)),
+                d.server_errors, *(ms_text(v) for v in (d.p50_ms, d.p95_ms, d.p99_ms)),
             ])  # fmt: skip
 
 
-def _ms(value: float | None) -> str:
+def ms_text(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
